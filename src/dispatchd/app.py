@@ -1,0 +1,259 @@
+"""The FastAPI application: routers, error mapping, request ids, probes, and the background loops.
+
+``create_app()`` is the composition root: it builds the database, the services, the sweeper and the
+delivery worker from the settings, and starts the loops in the lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dispatchd import __version__, health
+from dispatchd.config import Settings, load_settings
+from dispatchd.core import router as core_router
+from dispatchd.core.auth import Principal
+from dispatchd.core.clock import Clock
+from dispatchd.core.db import Database
+from dispatchd.core.errors import DispatchdError, problem
+from dispatchd.core.logging import get_logger
+from dispatchd.core.sweeper import Sweeper
+from dispatchd.deps import principal
+from dispatchd.matching import deadlines
+from dispatchd.matching import router as matching_router
+from dispatchd.matching.service import MatchingConfig, MatchingService
+from dispatchd.notifications import router as notifications_router
+from dispatchd.notifications.channels.log import LogChannel
+from dispatchd.notifications.delivery import DeliveryWorker
+
+log = get_logger("dispatchd.app")
+
+PROBLEM_JSON = "application/problem+json"
+
+DESCRIPTION = """
+Self-hosted dispatch engine for businesses that run on WhatsApp.
+
+* **Matching** (seed 000): a booking is offered to every available driver; the first accept wins,
+  exactly once. Offers expire after 30 s, searches after 5 min (then the customer and admins are told).
+* **Event log**: every state change, in order, resumable with `GET /v1/events?after=`.
+* **Outbox**: every outgoing message is a row written with the change that causes it.
+
+Authenticate with `Authorization: Bearer <api key>`. Errors are RFC 9457 `application/problem+json`
+with a stable `code`.
+"""
+
+
+@dataclass
+class Services:
+    """Everything one process runs; the tests build it with a manual clock."""
+
+    settings: Settings
+    db: Database
+    matching: MatchingService
+    sweeper: Sweeper
+    delivery: DeliveryWorker
+
+
+def build_services(settings: Settings, clock: Clock | None = None) -> Services:
+    """Wire the database, the matching service, the sweeper and the delivery worker."""
+    db = Database(settings.database_url, clock=clock)
+    matching = MatchingService(
+        db,
+        MatchingConfig(
+            offer_timeout_s=settings.offer_timeout_s,
+            search_timeout_s=settings.search_timeout_s,
+            wave_retry_s=settings.wave_retry_s,
+            escalation_radius_factor=settings.escalation_radius_factor,
+            driver_stale_after_s=settings.driver_stale_after_s,
+            admin_phones=tuple(settings.admin_phones),
+        ),
+    )
+    sweeper = Sweeper(db, interval_s=settings.sweep_interval_s, batch_size=settings.sweep_batch_size)
+    deadlines.register(sweeper, matching)
+    delivery = DeliveryWorker(
+        db, LogChannel(), batch_size=settings.delivery_batch_size, lease_s=settings.delivery_lease_s
+    )
+    return Services(settings, db, matching, sweeper, delivery)
+
+
+def _problem_response(
+    request: Request, status: int, code: str, title: str, detail: str, **extra
+) -> JSONResponse:
+    body = problem(
+        status=status,
+        code=code,
+        title=title,
+        detail=detail,
+        instance=request.url.path,
+        request_id=request.state.request_id if hasattr(request.state, "request_id") else None,
+        **extra,
+    )
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DispatchdError)
+    async def _domain_error(request: Request, exc: DispatchdError) -> JSONResponse:
+        return _problem_response(request, exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(error.get("type") == "json_invalid" for error in errors):
+            return _problem_response(
+                request, 400, "MALFORMED_JSON", "Malformed JSON", "the request body is not valid JSON"
+            )
+        details = [
+            {
+                "loc": [str(part) for part in error.get("loc", ())],
+                "msg": error.get("msg", ""),
+                "type": error.get("type"),
+            }
+            for error in errors
+        ]
+        summary = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details[:5])
+        return _problem_response(request, 422, "VALIDATION_ERROR", "Invalid input", summary, errors=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"}
+        code = codes.get(exc.status_code, f"HTTP_{exc.status_code}")
+        detail = exc.detail if isinstance(exc.detail, str) else code
+        return _problem_response(request, exc.status_code, code, code.replace("_", " ").capitalize(), detail)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", path=request.url.path)
+        return _problem_response(
+            request,
+            500,
+            "INTERNAL_ERROR",
+            "Internal error",
+            "an unexpected error occurred; see the server log",
+        )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock | None = None,
+    run_migrations: bool = True,
+    background: bool = True,
+) -> FastAPI:
+    """Build the application. ``background=False`` leaves the sweeper and delivery loops to the caller
+    (tests drive them with ``run_once`` and a manual clock)."""
+    settings = settings or load_settings()
+    services = build_services(settings, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from dispatchd.migrate import prepare_database
+
+        await prepare_database(services.db, settings, migrate=run_migrations)
+        stop = asyncio.Event()
+        tasks = []
+        if background:
+            tasks = [
+                asyncio.create_task(services.sweeper.run_forever(stop), name="sweeper"),
+                asyncio.create_task(services.delivery.run_forever(stop), name="delivery"),
+            ]
+        log.info(
+            "dispatchd started", version=__version__, database=services.db.dialect, background=background
+        )
+        try:
+            yield
+        finally:
+            stop.set()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await services.db.dispose()
+            log.info("dispatchd stopped")
+
+    app = FastAPI(
+        title="dispatchd",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "matching", "description": "Drivers, bookings, broadcast matching (seed 000)"},
+            {"name": "events", "description": "The append-only event log"},
+            {"name": "notifications", "description": "The outbox of outgoing messages"},
+            {"name": "auth", "description": "API keys"},
+            {"name": "operations", "description": "Probes, health, metrics"},
+        ],
+    )
+    app.state.services = services
+    app.state.settings = settings
+    app.state.db = services.db
+    app.state.matching = services.matching
+    app.state.sweeper = services.sweeper
+    app.state.delivery = services.delivery
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request_id
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        log.info(
+            "request",
+            method=request.method,
+            path=request.url.path,
+            status=response.status_code,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return response
+
+    _install_error_handlers(app)
+    app.include_router(matching_router.router)
+    app.include_router(core_router.router)
+    app.include_router(notifications_router.router)
+
+    @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
+    async def liveness() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    @app.get(
+        "/ready", tags=["operations"], summary="Readiness: database reachable, sweeper alive, not lagging"
+    )
+    async def readiness() -> JSONResponse:
+        checks: dict[str, object] = {}
+        ready = True
+        try:
+            await services.db.ping()
+            checks["database"] = "ok"
+            level, state = await health.sweeper_state(services.sweeper, settings)
+            checks["sweeper"] = state
+            ready = level is not health.Level.CRITICAL
+        except Exception as exc:
+            checks["database"] = type(exc).__name__
+            ready = False
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/v1/health", tags=["operations"], summary="Component health (seed 000): HEALTHY / WARNING / CRITICAL"
+    )
+    async def component_health(who: Principal = Depends(principal)) -> dict:
+        who.require_staff()
+        return await health.health_report(services.db, services.sweeper, services.delivery, settings)
+
+    return app

@@ -1,0 +1,235 @@
+"""The ``dispatchd`` command line (Typer): serve, migrate, keys, replay."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dispatchd import __version__
+from dispatchd.config import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="dispatchd: a self-hosted dispatch engine for businesses that run on WhatsApp.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        errors.print(f"[bold red]dispatchd cannot start:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"dispatchd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Settings come from DISPATCHD_* environment variables (or .env); see docs/operations.md."""
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [env DISPATCHD_HOST, default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env DISPATCHD_PORT, default 8000]")] = None,
+) -> None:
+    """Migrate the database, then serve the API with the sweeper and the delivery worker."""
+    import uvicorn
+
+    from dispatchd.app import create_app
+    from dispatchd.core.logging import configure_logging
+
+    settings = _settings(host=host, port=port)
+    configure_logging(settings.log_level, json=settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (also done by `serve` at start) and make sure an admin key exists."""
+    from dispatchd.core.db import Database
+    from dispatchd.migrate import current_revision, prepare_database
+
+    settings = _settings()
+
+    async def run() -> str | None:
+        db = Database(settings.database_url)
+        try:
+            await prepare_database(db, settings)
+            return await current_revision(db)
+        finally:
+            await db.dispose()
+
+    revision = asyncio.run(run())
+    console.print(f"database at revision [bold]{revision}[/]")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin | integration | driver")],
+    driver_id: Annotated[str | None, typer.Option(help="The driver this key acts for (role driver)")] = None,
+    name: Annotated[str | None, typer.Option(help="A label, e.g. whose phone it is")] = None,
+) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    from dispatchd.core import auth
+    from dispatchd.core.db import Database
+    from dispatchd.core.errors import DispatchdError
+    from dispatchd.matching.models import Driver
+
+    settings = _settings()
+    try:
+        parsed_role = auth.Role(role)
+    except ValueError:
+        errors.print(f"[red]--role must be one of: {', '.join(r.value for r in auth.Role)}[/]")
+        raise typer.Exit(2) from None
+
+    async def run() -> tuple[str, str]:
+        db = Database(settings.database_url)
+        try:
+            async with db.transaction() as session:
+                if driver_id and await session.get(Driver, driver_id) is None:
+                    raise DispatchdError(f"driver {driver_id} not found")
+                row, plaintext = await auth.create_key(session, parsed_role, driver_id=driver_id, name=name)
+                return row.id, plaintext
+        finally:
+            await db.dispose()
+
+    try:
+        key_id, plaintext = asyncio.run(run())
+    except DispatchdError as exc:
+        errors.print(f"[red]{exc.detail}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"key id: {key_id}\nrole:   {parsed_role.value}\nkey:    [bold]{plaintext}[/]  (shown once)")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List API keys (ids, roles, drivers; never the keys themselves)."""
+    from dispatchd.core import auth
+    from dispatchd.core.db import Database
+
+    settings = _settings()
+
+    async def run():
+        db = Database(settings.database_url)
+        try:
+            async with db.read() as session:
+                return await auth.list_keys(session)
+        finally:
+            await db.dispose()
+
+    table = Table("id", "role", "driver", "name", "created", "revoked")
+    for row in asyncio.run(run()):
+        table.add_row(
+            row.id,
+            row.role,
+            row.driver_id or "",
+            row.name or "",
+            row.created_at.isoformat(timespec="seconds"),
+            row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id (key_…), not the key")]) -> None:
+    """Revoke an API key: requests with it get 401 from now on."""
+    from dispatchd.core import auth
+    from dispatchd.core.db import Database
+    from dispatchd.core.errors import NotFound
+
+    settings = _settings()
+
+    async def run() -> None:
+        db = Database(settings.database_url)
+        try:
+            async with db.transaction() as session:
+                await auth.revoke_key(session, key_id)
+        finally:
+            await db.dispose()
+
+    try:
+        asyncio.run(run())
+    except NotFound as exc:
+        errors.print(f"[red]{exc.detail}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"revoked {key_id}")
+
+
+def _default_trips() -> Path:
+    return Path(__file__).parent / "data" / "nyc-2014-04-30-b02512.csv.gz"
+
+
+@app.command()
+def replay(
+    trips: Annotated[
+        Path | None,
+        typer.Argument(help="Trips CSV or CSV.gz (pickup_at,lat,lon,base); default: the shipped NYC 2014-04-30 slice"),
+    ] = None,
+    url: Annotated[str, typer.Option(help="Base URL of a running dispatchd")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str, typer.Option(envvar="DISPATCHD_API_KEY", help="Admin or integration key")] = "",
+    start: Annotated[
+        datetime | None, typer.Option("--from", help="First pickup time to replay (trace local time)")
+    ] = None,
+    end: Annotated[datetime | None, typer.Option("--to", help="Replay pickups before this time")] = None,
+    speed: Annotated[float, typer.Option(min=0.01, help="Trace seconds per real second")] = 60.0,
+    drivers: Annotated[int, typer.Option(min=1, help="Simulated drivers")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed of the simulation")] = 7,
+    accept_probability: Annotated[float, typer.Option(min=0, max=1, help="Share of answers that accept")] = 0.8,
+    ignore_probability: Annotated[float, typer.Option(min=0, max=1, help="Share of offers left unanswered")] = 0.1,
+    drain_timeout: Annotated[float, typer.Option(help="Real seconds to wait for open searches at the end")] = 360.0,
+) -> None:
+    """Replay real pickups as bookings through the HTTP API, with simulated drivers answering offers.
+
+    Prints a summary: bookings, assigned, timed out, time to assign p50/p95/p99, double assignments
+    (must be 0), drivers holding two bookings (must be 0), notifications written.
+    """
+    from dispatchd.replay import ReplayOptions, run_replay
+
+    if not api_key:
+        errors.print("[red]--api-key (or DISPATCHD_API_KEY) is required: an admin or integration key[/]")
+        raise typer.Exit(2)
+    options = ReplayOptions(
+        trips_path=trips or _default_trips(),
+        url=url.rstrip("/"),
+        api_key=api_key,
+        start=start,
+        end=end,
+        speed=speed,
+        drivers=drivers,
+        seed=seed,
+        accept_probability=accept_probability,
+        ignore_probability=ignore_probability,
+        drain_timeout_s=drain_timeout,
+    )
+    summary = asyncio.run(run_replay(options, console))
+    summary.render(console)
+    if summary.double_assignments or summary.drivers_double_booked:
+        raise typer.Exit(1)

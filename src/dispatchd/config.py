@@ -1,0 +1,121 @@
+"""Settings, read from the environment with the prefix ``DISPATCHD_`` (and an optional ``.env`` file).
+
+Invalid values stop start-up with a message naming the setting (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SQLITE_PATH = Path("var/dispatchd.db")
+
+
+class SettingsError(Exception):
+    """Raised when a setting is invalid; the message names every offending ``DISPATCHD_*`` variable."""
+
+
+class Settings(BaseSettings):
+    """dispatchd settings. Durations are seconds, distances km."""
+
+    model_config = SettingsConfigDict(env_prefix="DISPATCHD_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        default=f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}",
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db",
+    )
+    admin_api_key: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Bootstrap admin key; when unset at first start one is generated and printed once",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    offer_timeout_s: float = Field(default=30.0, gt=0, description="Life of one driver offer (seed 000 §4)")
+    search_timeout_s: float = Field(default=300.0, gt=0, description="Life of a whole search (seed 000 §4)")
+    wave_retry_s: float = Field(
+        default=10.0, gt=0, description="Pause before looking again for drivers when a wave found nobody"
+    )
+    escalation_radius_factor: float = Field(
+        default=1.5, ge=1.0, description="Each new wave multiplies max_distance_km by this"
+    )
+    driver_stale_after_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="Drivers silent (no heartbeat) longer than this get no offer; 0 = never",
+    )
+
+    sweep_interval_s: float = Field(default=0.5, gt=0, le=60, description="Deadline sweeper period")
+    sweep_batch_size: int = Field(default=500, ge=1, le=10_000)
+    sweeper_lag_warning_s: float = Field(default=5.0, gt=0)
+    sweeper_lag_critical_s: float = Field(default=30.0, gt=0)
+
+    notification_channel: str = Field(default="log", description="Outbound channel: log")
+    delivery_batch_size: int = Field(default=200, ge=1, le=10_000)
+    delivery_lease_s: float = Field(
+        default=60.0, gt=0, description="A claimed notification returns after this"
+    )
+    admin_phones: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated E.164 numbers that receive admin alerts"
+    )
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("admin_phones", mode="before")
+    @classmethod
+    def _split_phones(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("admin_phones")
+    @classmethod
+    def _e164(cls, value: list[str]) -> list[str]:
+        from dispatchd.core.phone import is_e164
+
+        bad = [phone for phone in value if not is_e164(phone)]
+        if bad:
+            raise ValueError(f"not E.164 phone numbers: {', '.join(bad)}")
+        return value
+
+    @field_validator("notification_channel")
+    @classmethod
+    def _channel(cls, value: str) -> str:
+        if value not in {"log"}:
+            raise ValueError("must be one of: log")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings; raise :class:`SettingsError` naming each invalid ``DISPATCHD_*`` variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "DISPATCHD_" + "_".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"{name}: {error['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""Shared kernel: database, clock, events, sweeper, auth, errors. Imports no domain."""

@@ -1,0 +1,94 @@
+"""The append-only event log (DESIGN.md, idea 4).
+
+Every state change appends ``(id, topic, type, data, created_at)`` in the transaction that makes the
+change; ``id`` is strictly increasing and is what ``GET /v1/events?after=`` and SSE ``Last-Event-ID``
+resume from.
+
+Outbox ordering on PostgreSQL: a sequence value can commit out of order (tx A takes 41, tx B takes 42
+and commits first; a reader at ``id > 40`` sees 42, moves on, and never sees 41). We make id order
+equal commit order: events are buffered during the unit of work and inserted *last*, after
+``pg_advisory_xact_lock(EVENT_LOG_LOCK)``, which is held until commit. So a transaction takes its ids
+only after every earlier event-writing transaction has committed, and a reader can never see a gap
+that later fills. The cost is that event-writing commits are serialised for the time of one insert and
+one commit; hot rows (a booking, a resource) serialise writers anyway. SQLite has a single writer, so
+the order holds there by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Index, String, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from dispatchd.core.db import Base
+from dispatchd.core.types import BigIntPK, UTCDateTime
+
+EVENT_LOG_LOCK = 0x6469737061746368  # "dispatch"
+_PENDING = "pending_events"
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(200))
+    type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_events_topic_id", "topic", "id"),)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    topic: str
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "topic": self.topic,
+            "type": self.type,
+            "data": self.data,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def append(session: AsyncSession, topic: str, type_: str, data: dict[str, Any]) -> None:
+    """Record one event in the current unit of work; it is written at commit (see module doc).
+
+    ``topic`` is e.g. ``"booking:bkg_…"`` or ``"driver:drv_…"``; ``data`` must be JSON-serialisable.
+    """
+    session.info.setdefault(_PENDING, []).append(
+        {"topic": topic, "type": type_, "data": data, "created_at": session.info["now"]}
+    )
+
+
+async def flush(session: AsyncSession) -> int:
+    """Insert the buffered events, serialised on PostgreSQL; return how many were written."""
+    pending = session.info.pop(_PENDING, None)
+    if not pending:
+        return 0
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENT_LOG_LOCK})
+    await session.execute(insert(Event), pending)
+    session.info["events_written"] = len(pending)
+    return len(pending)
+
+
+async def read(
+    session: AsyncSession, *, after_id: int = 0, topics: list[str] | None = None, limit: int = 100
+) -> list[EventRecord]:
+    """Events with ``id > after_id`` (optionally only these topics), oldest first, at most ``limit``."""
+    query = select(Event).where(Event.id > after_id).order_by(Event.id).limit(limit)
+    if topics:
+        query = query.where(Event.topic.in_(topics))
+    rows = (await session.scalars(query)).all()
+    return [EventRecord(row.id, row.topic, row.type, row.data, row.created_at) for row in rows]

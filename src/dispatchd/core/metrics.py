@@ -1,0 +1,27 @@
+"""Prometheus metrics (prometheus-client), process-wide. Exposed at ``GET /metrics``."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MATCHING_STARTED = Counter("dispatchd_matching_started_total", "Searches started")
+OFFERS_SENT = Counter("dispatchd_offers_sent_total", "Driver offers written (all waves)")
+OFFER_OUTCOMES = Counter("dispatchd_offer_outcomes_total", "Offers resolved, by outcome", ["outcome"])
+BOOKINGS_FINISHED = Counter(
+    "dispatchd_matching_finished_total", "Searches ended, by final status", ["status"]
+)
+TIME_TO_MATCH = Histogram(
+    "dispatchd_time_to_match_seconds",
+    "From matching start to assignment",
+    buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300),
+)
+BROADCAST_SIZE = Histogram(
+    "dispatchd_broadcast_drivers",
+    "Drivers offered per wave",
+    buckets=(0, 1, 5, 10, 50, 100, 500, 1000, 10000),
+)
+SWEEPER_TICKS = Counter("dispatchd_sweeper_ticks_total", "Sweeper iterations")
+SWEEPER_HANDLED = Counter("dispatchd_sweeper_handled_total", "Due rows handled, by deadline", ["deadline"])
+SWEEPER_LAG = Gauge("dispatchd_sweeper_lag_seconds", "Age of the oldest deadline still due after a tick")
+NOTIFICATIONS = Counter(
+    "dispatchd_notifications_total", "Delivery attempts, by channel and outcome", ["channel", "outcome"]
+)
+NOTIFICATION_BACKLOG = Gauge("dispatchd_notification_backlog", "Notifications waiting to be sent")

@@ -1,0 +1,109 @@
+"""Core HTTP routes: the event log and API keys, under ``/v1``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from dispatchd.core import auth, events
+from dispatchd.core.auth import Principal, Role
+from dispatchd.core.db import Database
+from dispatchd.core.errors import Forbidden
+from dispatchd.deps import database, principal
+
+router = APIRouter(prefix="/v1")
+
+
+class EventOut(BaseModel):
+    id: int
+    topic: str
+    type: str
+    data: dict
+    created_at: datetime
+
+
+class EventPage(BaseModel):
+    events: list[EventOut]
+    next_after: int = Field(
+        description="Pass back as `after` to continue; equals `after` when nothing is new"
+    )
+
+
+@router.get("/events", response_model=EventPage, tags=["events"], summary="Page through the event log")
+async def list_events(
+    after: int = Query(0, ge=0, description="Return events with id > after"),
+    topic: list[str] | None = Query(None, description="Only these topics (repeatable)"),
+    limit: int = Query(100, ge=1, le=1000),
+    who: Principal = Depends(principal),
+    db: Database = Depends(database),
+):
+    """Events in id order. A driver key reads only ``driver:<own id>``."""
+    if not who.is_staff:
+        own = f"driver:{who.driver_id}"
+        if topic and any(t != own for t in topic):
+            raise Forbidden(f"a driver key may read only topic {own}")
+        topic = [own]
+    async with db.read() as session:
+        page = await events.read(session, after_id=after, topics=topic, limit=limit)
+    return EventPage(
+        events=[EventOut(**e.as_dict()) for e in page],
+        next_after=page[-1].id if page else after,
+    )
+
+
+class ApiKeyIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"role": "driver", "driver_id": "drv_…", "name": "Moussa's phone"}]},
+    )
+
+    role: Role
+    driver_id: str | None = Field(default=None, max_length=40)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class ApiKeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    role: Role
+    driver_id: str | None
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="Shown only in this answer; stored as a SHA-256 hash")
+
+
+@router.post(
+    "/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["auth"], summary="Create an API key"
+)
+async def create_api_key(
+    body: ApiKeyIn, request: Request, who: Principal = Depends(principal), db: Database = Depends(database)
+):
+    who.require_admin()
+    if body.driver_id is not None:
+        await request.app.state.matching.get_driver(body.driver_id)  # 404 DRIVER_NOT_FOUND
+    async with db.transaction() as session:
+        row, plaintext = await auth.create_key(session, body.role, driver_id=body.driver_id, name=body.name)
+    return ApiKeyCreated(**ApiKeyOut.model_validate(row).model_dump(), key=plaintext)
+
+
+@router.get(
+    "/api-keys", response_model=list[ApiKeyOut], tags=["auth"], summary="List API keys (never the keys)"
+)
+async def list_api_keys(who: Principal = Depends(principal), db: Database = Depends(database)):
+    who.require_admin()
+    async with db.read() as session:
+        return await auth.list_keys(session)
+
+
+@router.delete("/api-keys/{key_id}", response_model=ApiKeyOut, tags=["auth"], summary="Revoke an API key")
+async def revoke_api_key(key_id: str, who: Principal = Depends(principal), db: Database = Depends(database)):
+    who.require_admin()
+    async with db.transaction() as session:
+        return await auth.revoke_key(session, key_id)

@@ -1,0 +1,1 @@
+"""Notifications: the durable outbox of every outgoing message (seed 004)."""

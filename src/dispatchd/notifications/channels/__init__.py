@@ -1,0 +1,1 @@
+"""Outbound channels: each turns one outbox row into one provider call."""
