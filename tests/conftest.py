@@ -33,7 +33,9 @@ from dispatchd.migrate import upgrade
 
 ADMIN_KEY = "dk_test_admin_key_0123456789abcdef"
 REQUIRE_SERVICES = os.environ.get("DISPATCHD_REQUIRE_SERVICES") == "1"
-POSTGRES_URL = os.environ.get("DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
 TABLES = ["events", "notifications", "matching_metrics", "booking_offers", "bookings", "drivers", "api_keys"]
 
 
@@ -196,14 +198,18 @@ def admin_headers() -> dict[str, str]:
 
 
 @pytest.fixture
-async def client(services: Services, settings: Settings, clock: ManualClock) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    services: Services, settings: Settings, clock: ManualClock
+) -> AsyncIterator[httpx.AsyncClient]:
     """An in-process client (ASGI transport) on an app sharing ``services``' database and clock."""
     app = create_app(settings, clock=clock, run_migrations=False, background=False)
     app.state.services = services
     for name in ("db", "matching", "sweeper", "delivery"):
         setattr(app.state, name, getattr(services, name))
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=admin_headers()) as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=admin_headers()
+    ) as http:
         yield http
 
 

@@ -68,7 +68,9 @@ async def test_first_accept_wins_and_only_offered_drivers_hear_it_was_taken(serv
     responses = {o.driver_id: o.response for o in await matching.list_offers(booking.id)}
     assert responses == {offered[0].id: "ACCEPTED", offered[1].id: "TAKEN", offered[2].id: "TAKEN"}
     [found] = await _notifications(services, category="customer_driver_found")
-    assert offered[0].name in found.body and offered[0].phone in found.body and "CHAUFFEUR TROUVÉ" in found.body
+    assert (
+        offered[0].name in found.body and offered[0].phone in found.body and "CHAUFFEUR TROUVÉ" in found.body
+    )
     taken = await _notifications(services, category="offer_taken")
     assert sorted(n.recipient for n in taken) == sorted([offered[1].phone, offered[2].phone])
     assert late.phone not in {n.recipient for n in await _notifications(services)}
@@ -88,7 +90,9 @@ async def test_repeated_answers_repeat_their_result(services):
     assert (await matching.respond(booking.id, a.id, "ACCEPT")).action is Action.ASSIGNED
     again = await matching.respond(booking.id, a.id, "ACCEPT")
     assert (again.success, again.action) == (True, Action.ASSIGNED)
-    assert len([e for e in await _events(services) if e.type == "BookingAssigned"]) == 2  # booking + driver topic
+    assert (
+        len([e for e in await _events(services) if e.type == "BookingAssigned"]) == 2
+    )  # booking + driver topic
 
 
 async def test_busy_driver_cannot_win_a_second_booking(services):
@@ -142,4 +146,9 @@ async def test_complete_frees_the_driver_at_the_drop_off(services):
 
     assert done.status == "COMPLETED"
     freed = await matching.get_driver(driver.id)
-    assert (freed.status, freed.current_booking_id, freed.lat, freed.lon) == ("AVAILABLE", None, 14.67, -17.07)
+    assert (freed.status, freed.current_booking_id, freed.lat, freed.lon) == (
+        "AVAILABLE",
+        None,
+        14.67,
+        -17.07,
+    )

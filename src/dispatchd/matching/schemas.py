@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dispatchd.core.phone import is_e164
 from dispatchd.matching.models import BookingStatus, DriverStatus, PriorityMode
 
-Latitude = Field(ge=-90, le=90, description="WGS84 degrees")
-Longitude = Field(ge=-180, le=180, description="WGS84 degrees")
+Latitude = Annotated[float, Field(ge=-90, le=90, description="WGS84 degrees")]
+Longitude = Annotated[float, Field(ge=-180, le=180, description="WGS84 degrees")]
 
 
 class _Strict(BaseModel):
@@ -31,8 +31,8 @@ class DriverCreate(_Strict):
     vehicle_plate: str = Field(min_length=1, max_length=30, examples=["DK-1234-AB"])
     rating: float = Field(default=5.0, ge=0, le=5)
     status: Literal[DriverStatus.AVAILABLE, DriverStatus.OFFLINE] = DriverStatus.AVAILABLE
-    lat: float | None = Latitude
-    lon: float | None = Longitude
+    lat: Latitude | None = None
+    lon: Longitude | None = None
 
     _phone = field_validator("phone")(_check_phone)
 
@@ -56,8 +56,8 @@ class DriverCreate(_Strict):
 
 class DriverUpdate(_Strict):
     status: Literal[DriverStatus.AVAILABLE, DriverStatus.OFFLINE, DriverStatus.BUSY] | None = None
-    lat: float | None = Latitude
-    lon: float | None = Longitude
+    lat: Latitude | None = None
+    lon: Longitude | None = None
     name: str | None = Field(default=None, min_length=1, max_length=200)
     phone: str | None = None
     vehicle_type: str | None = Field(default=None, min_length=1, max_length=60)
@@ -73,8 +73,8 @@ class DriverUpdate(_Strict):
 
 
 class Heartbeat(_Strict):
-    lat: float | None = Latitude
-    lon: float | None = Longitude
+    lat: Latitude | None = None
+    lon: Longitude | None = None
 
 
 class DriverOut(BaseModel):
@@ -98,11 +98,11 @@ class BookingCreate(_Strict):
     customer_name: str = Field(min_length=1, max_length=200)
     customer_phone: str = Field(description="E.164")
     pickup_address: str = Field(min_length=1, max_length=500)
-    pickup_lat: float | None = Latitude
-    pickup_lon: float | None = Longitude
+    pickup_lat: Latitude | None = None
+    pickup_lon: Longitude | None = None
     drop_address: str = Field(min_length=1, max_length=500)
-    drop_lat: float | None = Latitude
-    drop_lon: float | None = Longitude
+    drop_lat: Latitude | None = None
+    drop_lon: Longitude | None = None
     pickup_at: datetime | None = Field(default=None, description="ISO 8601 with an offset; stored UTC")
 
     _phone = field_validator("customer_phone")(_check_phone)
@@ -212,8 +212,8 @@ class CancelIn(_Strict):
 
 
 class CompleteIn(_Strict):
-    lat: float | None = Latitude
-    lon: float | None = Longitude
+    lat: Latitude | None = None
+    lon: Longitude | None = None
 
 
 class OfferOut(BaseModel):
