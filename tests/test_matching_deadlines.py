@@ -1,4 +1,4 @@
-"""Seed 000 §4 timeouts: 30 s offers, 5 min searches, escalation, cancellation, restart. Clock moved by hand."""
+"""Seed 000 §4 timeouts: 30 s offers, 5 min searches, escalation, cancel, restart (clock moved by hand)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""First accept wins, exactly once, through a real HTTP server (uvicorn on loopback), SQLite and PostgreSQL."""
+"""First accept wins, exactly once, through a real HTTP server (uvicorn, loopback), SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
