@@ -116,13 +116,18 @@ async def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         shutil.copy(request.getfixturevalue("sqlite_template"), target)
         return f"sqlite+aiosqlite:///{target}"
     url = request.getfixturevalue("postgres_url")
+    await reset_postgres(url)
+    return url
+
+
+async def reset_postgres(url: str) -> None:
+    """Empty every table of the session's PostgreSQL database."""
     engine = create_async_engine(url)
     try:
         async with engine.begin() as connection:
             await connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
     finally:
         await engine.dispose()
-    return url
 
 
 @pytest.fixture
@@ -202,10 +207,7 @@ async def client(
     services: Services, settings: Settings, clock: ManualClock
 ) -> AsyncIterator[httpx.AsyncClient]:
     """An in-process client (ASGI transport) on an app sharing ``services``' database and clock."""
-    app = create_app(settings, clock=clock, run_migrations=False, background=False)
-    app.state.services = services
-    for name in ("db", "matching", "sweeper", "delivery"):
-        setattr(app.state, name, getattr(services, name))
+    app = create_app(settings, clock=clock, run_migrations=False, background=False, services=services)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport, base_url="http://test", headers=admin_headers()

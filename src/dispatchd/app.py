@@ -150,11 +150,12 @@ def create_app(
     clock: Clock | None = None,
     run_migrations: bool = True,
     background: bool = True,
+    services: Services | None = None,
 ) -> FastAPI:
     """Build the application. ``background=False`` leaves the sweeper and delivery loops to the caller
-    (tests drive them with ``run_once`` and a manual clock)."""
+    (tests drive them with ``run_once`` and a manual clock); ``services`` shares already built ones."""
     settings = settings or load_settings()
-    services = build_services(settings, clock)
+    services = services or build_services(settings, clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

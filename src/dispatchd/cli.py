@@ -50,7 +50,9 @@ def main(
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Bind address [env DISPATCHD_HOST, default 127.0.0.1]")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Bind address [env DISPATCHD_HOST, default 127.0.0.1]")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port [env DISPATCHD_PORT, default 8000]")] = None,
 ) -> None:
     """Migrate the database, then serve the API with the sweeper and the delivery worker."""
@@ -126,7 +128,9 @@ def keys_create(
     except DispatchdError as exc:
         errors.print(f"[red]{exc.detail}[/]")
         raise typer.Exit(1) from None
-    console.print(f"key id: {key_id}\nrole:   {parsed_role.value}\nkey:    [bold]{plaintext}[/]  (shown once)")
+    console.print(
+        f"key id: {key_id}\nrole:   {parsed_role.value}\nkey:    [bold]{plaintext}[/]  (shown once)"
+    )
 
 
 @keys_app.command("list")
@@ -191,7 +195,9 @@ def _default_trips() -> Path:
 def replay(
     trips: Annotated[
         Path | None,
-        typer.Argument(help="Trips CSV or CSV.gz (pickup_at,lat,lon,base); default: the shipped NYC 2014-04-30 slice"),
+        typer.Argument(
+            help="Trips CSV or CSV.gz (pickup_at,lat,lon,base); default: the shipped NYC 2014-04-30 slice"
+        ),
     ] = None,
     url: Annotated[str, typer.Option(help="Base URL of a running dispatchd")] = "http://127.0.0.1:8000",
     api_key: Annotated[str, typer.Option(envvar="DISPATCHD_API_KEY", help="Admin or integration key")] = "",
@@ -202,9 +208,15 @@ def replay(
     speed: Annotated[float, typer.Option(min=0.01, help="Trace seconds per real second")] = 60.0,
     drivers: Annotated[int, typer.Option(min=1, help="Simulated drivers")] = 100,
     seed: Annotated[int, typer.Option(help="Random seed of the simulation")] = 7,
-    accept_probability: Annotated[float, typer.Option(min=0, max=1, help="Share of answers that accept")] = 0.8,
-    ignore_probability: Annotated[float, typer.Option(min=0, max=1, help="Share of offers left unanswered")] = 0.1,
-    drain_timeout: Annotated[float, typer.Option(help="Real seconds to wait for open searches at the end")] = 360.0,
+    accept_probability: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of answers that accept")
+    ] = 0.8,
+    ignore_probability: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of offers left unanswered")
+    ] = 0.1,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Real seconds to wait for open searches at the end")
+    ] = 360.0,
 ) -> None:
     """Replay real pickups as bookings through the HTTP API, with simulated drivers answering offers.
 

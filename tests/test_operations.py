@@ -1,0 +1,100 @@
+"""Probes, component health, Prometheus metrics, settings validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatchd.config import SettingsError, load_settings
+from tests.conftest import booking_data, driver_data
+
+
+async def test_liveness_needs_no_key(client):
+    response = await client.get("/health", headers={"Authorization": ""})
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+async def test_ready_needs_a_ticking_sweeper(client, services):
+    not_yet = await client.get("/ready")
+    assert not_yet.status_code == 503 and not_yet.json()["checks"]["sweeper"]["alive"] is False
+    await services.sweeper.run_once()
+    ready = await client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+async def test_ready_reports_a_lagging_sweeper(client, services, clock):
+    await services.matching.create_driver(driver_data())
+    booking = await services.matching.create_booking(booking_data())
+    await services.matching.start_matching(booking.id)
+    await services.sweeper.run_once()
+    clock.advance(30 + 31)  # offers due 31 s ago and nobody swept
+    lagging = await client.get("/ready")
+    assert lagging.status_code == 503 and lagging.json()["checks"]["sweeper"]["lag_s"] == 31
+
+
+async def test_component_health_follows_the_seed(client, services, clock):
+    await services.sweeper.run_once()
+    healthy = (await client.get("/v1/health")).json()
+    assert healthy["overall"] == "HEALTHY"
+    assert set(healthy["components"]) == {"database", "notifications", "sweeper", "matching"}
+
+    booking = await services.matching.create_booking(booking_data())
+    await services.matching.start_matching(booking.id)
+    clock.advance(120)  # the customer's message has waited 2 min: the channel is not draining
+    await services.sweeper.run_once()
+    warning = (await client.get("/v1/health")).json()
+    assert warning["components"]["notifications"]["status"] == "WARNING"
+    assert warning["overall"] == "WARNING" and warning["metrics"]["active_matchings"] == 1
+
+
+async def test_metrics_are_exposed_for_prometheus(client, services):
+    booking = await services.matching.create_booking(booking_data())
+    await services.matching.start_matching(booking.id)
+    text = (await client.get("/metrics")).text
+    assert "dispatchd_matching_started_total" in text and "dispatchd_time_to_match_seconds_bucket" in text
+
+
+async def test_stats_report_rates_times_and_drivers(client, services, clock):
+    matching = services.matching
+    fast, slow = [await matching.create_driver(driver_data()) for _ in range(2)]
+    for _ in range(2):
+        booking = await matching.create_booking(booking_data())
+        await matching.start_matching(booking.id)
+        clock.advance(4)
+        await matching.respond(booking.id, slow.id, "REJECT")
+        await matching.respond(booking.id, fast.id, "ACCEPT")
+        await matching.complete(booking.id)
+    lonely = await matching.create_booking(booking_data())
+    await matching.start_matching(lonely.id)
+    clock.advance(301)
+    await services.sweeper.run_once()
+
+    stats = (await client.get("/v1/matching/stats")).json()
+
+    assert (stats["searches"], stats["matched"], stats["timed_out"]) == (3, 2, 1)
+    assert stats["acceptance_rate"] == pytest.approx(2 / 3, abs=1e-3)
+    assert stats["timeout_rate"] == pytest.approx(1 / 3, abs=1e-3)
+    assert stats["time_to_match_s"] == {"mean": 4.0, "p50": 4.0, "p95": 4.0}
+    drivers = {d["driver_id"]: d for d in stats["drivers"]}
+    assert drivers[fast.id]["acceptance_rate"] == 1.0 and drivers[fast.id]["mean_response_time_s"] == 4.0
+    assert drivers[slow.id]["acceptance_rate"] == 0.0 and drivers[slow.id]["responses"] == 2
+    assert (
+        await client.get(
+            "/v1/matching/stats", params={"from": "2030-01-01T00:00:00Z", "to": "2029-01-01T00:00:00Z"}
+        )
+    ).status_code == 422
+
+
+def test_invalid_settings_name_the_variable(monkeypatch):
+    monkeypatch.setenv("DISPATCHD_OFFER_TIMEOUT_S", "-3")
+    monkeypatch.setenv("DISPATCHD_DATABASE_URL", "mysql://nope")
+    with pytest.raises(SettingsError) as error:
+        load_settings(_env_file=None)
+    assert "DISPATCHD_OFFER_TIMEOUT_S" in str(error.value) and "DISPATCHD_DATABASE_URL" in str(error.value)
+
+
+def test_admin_phones_are_a_comma_separated_e164_list(monkeypatch):
+    monkeypatch.setenv("DISPATCHD_ADMIN_PHONES", "+221770000000, +33600000000")
+    assert load_settings(_env_file=None).admin_phones == ["+221770000000", "+33600000000"]
+    monkeypatch.setenv("DISPATCHD_ADMIN_PHONES", "0600000000")
+    with pytest.raises(SettingsError, match="DISPATCHD_ADMIN_PHONES"):
+        load_settings(_env_file=None)

@@ -1,0 +1,141 @@
+"""Real processes: ``dispatchd serve`` as a newcomer starts it, and two servers sharing PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from dispatchd.cli import app as cli
+from tests.conftest import ADMIN_KEY, booking_data, driver_data, free_port, reset_postgres
+
+
+@contextmanager
+def serve(env: dict[str, str], port: int, output: Path) -> Iterator[subprocess.Popen]:
+    """Run ``dispatchd serve`` until ready; its output goes to ``output`` (a pipe would fill and block it)."""
+    log = output.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dispatchd", "serve", "--port", str(port)],
+        env={**os.environ, **env, "DISPATCHD_LOG_JSON": "true"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, output.read_text()
+            time.sleep(0.1)
+        else:
+            raise AssertionError("server never became ready")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+        log.close()
+
+
+def test_first_serve_generates_an_admin_key_and_delivers_messages(tmp_path: Path):
+    port = free_port()
+    env = {"DISPATCHD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/d.db", "DISPATCHD_ADMIN_API_KEY": ""}
+    env.pop("DISPATCHD_ADMIN_API_KEY")
+    with serve(env, port, tmp_path / "serve.log"):
+        base = f"http://127.0.0.1:{port}"
+        key = re.search(r"(dk_[A-Za-z0-9_\-]+)", (tmp_path / "serve.log").read_text()).group(1)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as http:
+            driver = http.post("/v1/drivers", json=driver_data()).json()
+            booking = http.post("/v1/bookings", json=booking_data()).json()
+            result = http.post(f"/v1/bookings/{booking['id']}/matching", json={}).json()
+            assert result["driver_ids"] == [driver["id"]]
+            for _ in range(100):
+                page = http.get("/v1/notifications", params={"status": "SENT"}).json()
+                if page["total"] == 2:
+                    break
+                time.sleep(0.05)
+            assert page["total"] == 2  # the offer and the customer's message, sent by the log channel
+            assert http.get("/docs").status_code == 200
+    assert (tmp_path / "d.db").exists()
+
+
+def test_keys_create_prints_a_working_key(tmp_path: Path):
+    url = f"sqlite+aiosqlite:///{tmp_path}/k.db"
+    runner = CliRunner()
+    migrated = runner.invoke(
+        cli, ["migrate"], env={"DISPATCHD_DATABASE_URL": url, "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY}
+    )
+    assert migrated.exit_code == 0 and "0001" in migrated.output
+    created = runner.invoke(
+        cli, ["keys", "create", "--role", "integration"], env={"DISPATCHD_DATABASE_URL": url}
+    )
+    assert created.exit_code == 0, created.output
+    assert re.search(r"dk_\S+", created.output)
+    bad = runner.invoke(cli, ["keys", "create", "--role", "driver"], env={"DISPATCHD_DATABASE_URL": url})
+    assert bad.exit_code == 1 and "driver_id" in bad.output
+    listed = runner.invoke(cli, ["keys", "list"], env={"DISPATCHD_DATABASE_URL": url})
+    assert "integration" in listed.output and "admin" in listed.output
+
+
+def test_invalid_setting_stops_start_up_with_its_name():
+    result = CliRunner().invoke(cli, ["serve"], env={"DISPATCHD_SEARCH_TIMEOUT_S": "soon"})
+    assert result.exit_code == 2 and "DISPATCHD_SEARCH_TIMEOUT_S" in result.output
+
+
+@pytest.mark.postgres
+async def test_two_servers_on_one_postgres_assign_each_booking_once(postgres_url, tmp_path):
+    await reset_postgres(postgres_url)
+    ports = [free_port(), free_port()]
+    env = {"DISPATCHD_DATABASE_URL": postgres_url, "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY}
+    with serve(env, ports[0], tmp_path / "a.log"), serve(env, ports[1], tmp_path / "b.log"):
+        clients = [
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                limits=httpx.Limits(max_connections=60),
+                timeout=60,
+            )
+            for port in ports
+        ]
+        try:
+            drivers = [
+                (await clients[0].post("/v1/drivers", json=driver_data())).json()["id"] for _ in range(30)
+            ]
+            bookings = []
+            for _ in range(5):
+                booking = (await clients[1].post("/v1/bookings", json=booking_data())).json()
+                await clients[1].post(f"/v1/bookings/{booking['id']}/matching", json={})
+                bookings.append(booking["id"])
+
+            async def accept(n: int, booking_id: str, driver_id: str) -> tuple[str, str, str]:
+                answer = await clients[n % 2].post(
+                    f"/v1/bookings/{booking_id}/responses", json={"driver_id": driver_id, "type": "ACCEPT"}
+                )
+                assert answer.status_code == 200, answer.text
+                return booking_id, driver_id, answer.json()["action"]
+
+            results = await asyncio.gather(
+                *(accept(i, b, d) for i, (b, d) in enumerate((b, d) for b in bookings for d in drivers))
+            )
+            won = [(b, d) for b, d, action in results if action == "ASSIGNED"]
+            assert sorted(b for b, _ in won) == sorted(bookings)  # each booking exactly once
+            assert len({d for _, d in won}) == len(won)  # no driver twice
+            for booking_id in bookings:
+                seen_by = [(await c.get(f"/v1/bookings/{booking_id}")).json()["driver_id"] for c in clients]
+                assert seen_by[0] == seen_by[1] == dict(won)[booking_id]
+        finally:
+            for http in clients:
+                await http.aclose()
