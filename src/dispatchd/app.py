@@ -29,7 +29,7 @@ from dispatchd.core.db import Database
 from dispatchd.core.errors import DispatchdError, problem
 from dispatchd.core.logging import get_logger
 from dispatchd.core.sweeper import Sweeper
-from dispatchd.deps import principal
+from dispatchd.deps import PrincipalCache, principal
 from dispatchd.matching import deadlines
 from dispatchd.matching import router as matching_router
 from dispatchd.matching.service import MatchingConfig, MatchingService
@@ -87,6 +87,49 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     return Services(settings, db, matching, sweeper, delivery)
 
 
+class RequestContext:
+    """Pure ASGI middleware: a request id per request (``X-Request-ID`` in and out), bound to every log
+    line, one access log line, and ``X-Content-Type-Options: nosniff``."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:200] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("latin-1")),
+                    (b"x-content-type-options", b"nosniff"),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            log.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+
 def _problem_response(
     request: Request, status: int, code: str, title: str, detail: str, **extra
 ) -> JSONResponse:
@@ -96,7 +139,7 @@ def _problem_response(
         title=title,
         detail=detail,
         instance=request.url.path,
-        request_id=request.state.request_id if hasattr(request.state, "request_id") else None,
+        request_id=getattr(request.state, "request_id", None),
         **extra,
     )
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
@@ -200,26 +243,9 @@ def create_app(
     app.state.matching = services.matching
     app.state.sweeper = services.sweeper
     app.state.delivery = services.delivery
+    app.state.principals = PrincipalCache(settings.auth_cache_s)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        started = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = request_id
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        log.info(
-            "request",
-            method=request.method,
-            path=request.url.path,
-            status=response.status_code,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
-        return response
-
+    app.add_middleware(RequestContext)
     _install_error_handlers(app)
     app.include_router(matching_router.router)
     app.include_router(core_router.router)

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         min_length=16,
         description="Bootstrap admin key; when unset at first start one is generated and printed once",
     )
+    auth_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a verified API key is remembered (a revoke in another process waits this long)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 

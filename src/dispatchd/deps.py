@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import structlog
+from cachetools import TTLCache
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from dispatchd.core.auth import Principal, authenticate
+from dispatchd.core.auth import Principal, authenticate, hash_key
 from dispatchd.core.db import Database
 from dispatchd.core.errors import Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dk_…`")
+
+
+class PrincipalCache:
+    """Verified keys remembered for ``ttl_s`` seconds (a revoke in this process forgets at once)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self._entries: TTLCache[str, Principal] | None = (
+            TTLCache(maxsize=10_000, ttl=ttl_s) if ttl_s > 0 else None
+        )
+
+    def get(self, key: str) -> Principal | None:
+        return self._entries.get(hash_key(key)) if self._entries is not None else None
+
+    def put(self, key: str, who: Principal) -> None:
+        if self._entries is not None:
+            self._entries[hash_key(key)] = who
+
+    def forget(self, key_id: str) -> None:
+        if self._entries is not None:
+            for cached, who in list(self._entries.items()):
+                if who.key_id == key_id:
+                    self._entries.pop(cached, None)
 
 
 async def principal(
@@ -19,11 +42,15 @@ async def principal(
     """The caller; raises :class:`Unauthorized` (401) without a valid, unrevoked key."""
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    db: Database = request.app.state.db
-    async with db.read() as session:
-        who = await authenticate(session, credentials.credentials)
+    cache: PrincipalCache = request.app.state.principals
+    who = cache.get(credentials.credentials)
     if who is None:
-        raise Unauthorized("unknown or revoked API key")
+        db: Database = request.app.state.db
+        async with db.read() as session:
+            who = await authenticate(session, credentials.credentials)
+        if who is None:
+            raise Unauthorized("unknown or revoked API key")
+        cache.put(credentials.credentials, who)
     structlog.contextvars.bind_contextvars(key_id=who.key_id, role=who.role.value)
     return who
 

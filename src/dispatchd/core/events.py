@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index, String, insert, select, text
+from sqlalchemy import JSON, Index, String, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -78,7 +78,7 @@ async def flush(session: AsyncSession) -> int:
         return 0
     if session.bind.dialect.name == "postgresql":
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENT_LOG_LOCK})
-    await session.execute(insert(Event), pending)
+    await session.execute(Event.__table__.insert(), pending)
     session.info["events_written"] = len(pending)
     return len(pending)
 

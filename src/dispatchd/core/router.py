@@ -103,7 +103,11 @@ async def list_api_keys(who: Principal = Depends(principal), db: Database = Depe
 
 
 @router.delete("/api-keys/{key_id}", response_model=ApiKeyOut, tags=["auth"], summary="Revoke an API key")
-async def revoke_api_key(key_id: str, who: Principal = Depends(principal), db: Database = Depends(database)):
+async def revoke_api_key(
+    key_id: str, request: Request, who: Principal = Depends(principal), db: Database = Depends(database)
+):
     who.require_admin()
     async with db.transaction() as session:
-        return await auth.revoke_key(session, key_id)
+        revoked = await auth.revoke_key(session, key_id)
+    request.app.state.principals.forget(key_id)
+    return revoked

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -440,7 +440,7 @@ class MatchingService:
                 }
                 for c in candidates
             ]
-            await session.execute(insert(BookingOffer), offers)
+            await session.execute(BookingOffer.__table__.insert(), offers)
             await outbox.enqueue(
                 session,
                 [
@@ -495,27 +495,40 @@ class MatchingService:
         ``BOOKING_CANCELLED`` / ``OFFER_EXPIRED`` / ``DRIVER_BUSY``. Repeating an answer repeats its result.
         Raises :class:`NotFound` (BOOKING_NOT_FOUND, OFFER_NOT_FOUND).
         """
-        async with self.db.transaction() as session:
-            now = _now(session)
-            offer = await session.scalar(
-                select(BookingOffer).where(
-                    BookingOffer.booking_id == booking_id, BookingOffer.driver_id == driver_id
-                )
+        try:
+            async with self.db.transaction() as session:
+                now = _now(session)
+                offer = await self._offer_or_404(session, booking_id, driver_id)
+                if offer.response is not None:
+                    return await self._settled_result(session, offer, answer)
+                if now >= offer.expires_at:
+                    await self._expire_offers(session, [offer.id])
+                    await self._record_answer(session, offer, answer)
+                    return ResponseResult(False, Action.OFFER_EXPIRED, booking_id, driver_id)
+                if answer == "REJECT":
+                    return await self._reject(session, offer)
+                return await self._accept(session, offer)
+        except _Abort as lost:
+            # The rare refusals after the booking row was updated roll everything back;
+            # the driver's answer is kept in a transaction of its own.
+            async with self.db.transaction() as session:
+                offer = await self._offer_or_404(session, booking_id, driver_id)
+                if lost.action is not Action.DRIVER_BUSY:
+                    await self._record_answer(session, offer, "ACCEPT")
+            return ResponseResult(False, lost.action, booking_id, driver_id)
+
+    async def _offer_or_404(self, session: AsyncSession, booking_id: str, driver_id: str) -> BookingOffer:
+        offer = await session.scalar(
+            select(BookingOffer).where(
+                BookingOffer.booking_id == booking_id, BookingOffer.driver_id == driver_id
             )
-            if offer is None:
-                await self._booking_or_404(session, booking_id)
-                raise NotFound(
-                    f"driver {driver_id} has no offer for booking {booking_id}", code="OFFER_NOT_FOUND"
-                )
-            if offer.response is not None:
-                return await self._settled_result(session, offer, answer)
-            if now >= offer.expires_at:
-                await self._expire_offers(session, [offer.id])
-                await self._record_answer(session, offer, answer)
-                return ResponseResult(False, Action.OFFER_EXPIRED, booking_id, driver_id)
-            if answer == "REJECT":
-                return await self._reject(session, offer)
-            return await self._accept(session, offer)
+        )
+        if offer is None:
+            await self._booking_or_404(session, booking_id)
+            raise NotFound(
+                f"driver {driver_id} has no offer for booking {booking_id}", code="OFFER_NOT_FOUND"
+            )
+        return offer
 
     async def _settled_result(
         self, session: AsyncSession, offer: BookingOffer, answer: str
@@ -579,74 +592,68 @@ class MatchingService:
         return ResponseResult(True, Action.REJECTED, booking.id, offer.driver_id)
 
     async def _accept(self, session: AsyncSession, offer: BookingOffer) -> ResponseResult:
+        """The race: one conditional UPDATE on the booking decides (DESIGN.md, idea 2).
+
+        Losing it writes nothing but the driver's answer. The rarer refusals that come after the booking
+        was updated (the sweeper expired the offer a moment ago; the driver already holds a booking)
+        raise :class:`_Abort`, which rolls the whole transaction back.
+        """
         now = _now(session)
         booking_id, driver_id = offer.booking_id, offer.driver_id
         version = await session.scalar(select(Booking.version).where(Booking.id == booking_id))
         try:
-            async with session.begin_nested():
-                won = await self._assign_booking(session, booking_id, driver_id, version)
-                if won is None:  # the partial unique index: this driver already holds an ASSIGNED booking
-                    raise _Abort(Action.DRIVER_BUSY)
-                if won.rowcount != 1:
-                    raise _Abort(await self._lost_action(session, booking_id))
-                claimed = await session.execute(
-                    update(BookingOffer)
-                    .where(BookingOffer.id == offer.id, BookingOffer.response.is_(None))
-                    .values(
-                        response=OfferResponse.ACCEPTED.value,
-                        driver_answer="ACCEPT",
-                        responded_at=now,
-                        response_time_ms=_elapsed_ms(session, offer),
-                    )
+            won = await session.execute(
+                update(Booking)
+                .where(
+                    Booking.id == booking_id,
+                    Booking.status == BookingStatus.SEARCHING.value,
+                    Booking.version == version,
                 )
-                if claimed.rowcount != 1:  # the sweeper expired this offer a moment ago
-                    raise _Abort(Action.OFFER_EXPIRED)
-                driver_free = await session.execute(
-                    update(Driver)
-                    .where(Driver.id == driver_id, Driver.current_booking_id.is_(None))
-                    .values(
-                        status=DriverStatus.BUSY.value,
-                        current_booking_id=booking_id,
-                        last_seen_at=now,
-                        updated_at=now,
-                    )
+                .values(
+                    status=BookingStatus.ASSIGNED.value,
+                    driver_id=driver_id,
+                    version=Booking.version + 1,
+                    assigned_at=now,
+                    next_wave_at=None,
+                    updated_at=now,
                 )
-                if driver_free.rowcount != 1:
-                    raise _Abort(Action.DRIVER_BUSY)
-        except _Abort as lost:
-            if lost.action is not Action.DRIVER_BUSY:
-                await self._record_answer(session, offer, "ACCEPT")
-            if lost.action is Action.ALREADY_TAKEN:
+            )
+        except IntegrityError:  # the partial unique index: this driver already holds an ASSIGNED booking
+            raise _Abort(Action.DRIVER_BUSY) from None
+        if won.rowcount != 1:
+            action = await self._lost_action(session, booking_id)
+            await self._record_answer(session, offer, "ACCEPT")
+            if action is Action.ALREADY_TAKEN:
                 log.warning(
                     "race lost", booking_id=booking_id, driver_id=driver_id, booking_status="ALREADY_ASSIGNED"
                 )
-            return ResponseResult(False, lost.action, booking_id, driver_id)
+            return ResponseResult(False, action, booking_id, driver_id)
+        claimed = await session.execute(
+            update(BookingOffer)
+            .where(BookingOffer.id == offer.id, BookingOffer.response.is_(None))
+            .values(
+                response=OfferResponse.ACCEPTED.value,
+                driver_answer="ACCEPT",
+                responded_at=now,
+                response_time_ms=_elapsed_ms(session, offer),
+            )
+        )
+        if claimed.rowcount != 1:  # the sweeper expired this offer a moment ago
+            raise _Abort(Action.OFFER_EXPIRED)
+        driver_free = await session.execute(
+            update(Driver)
+            .where(Driver.id == driver_id, Driver.current_booking_id.is_(None))
+            .values(
+                status=DriverStatus.BUSY.value,
+                current_booking_id=booking_id,
+                last_seen_at=now,
+                updated_at=now,
+            )
+        )
+        if driver_free.rowcount != 1:
+            raise _Abort(Action.DRIVER_BUSY)
         await self._after_assignment(session, booking_id, driver_id, offer.id)
         return ResponseResult(True, Action.ASSIGNED, booking_id, driver_id)
-
-    async def _assign_booking(self, session: AsyncSession, booking_id: str, driver_id: str, version: int):
-        """The race arbiter: one conditional UPDATE; None when the one-active-booking index refuses it."""
-        now = _now(session)
-        try:
-            async with session.begin_nested():
-                return await session.execute(
-                    update(Booking)
-                    .where(
-                        Booking.id == booking_id,
-                        Booking.status == BookingStatus.SEARCHING.value,
-                        Booking.version == version,
-                    )
-                    .values(
-                        status=BookingStatus.ASSIGNED.value,
-                        driver_id=driver_id,
-                        version=Booking.version + 1,
-                        assigned_at=now,
-                        next_wave_at=None,
-                        updated_at=now,
-                    )
-                )
-        except IntegrityError:
-            return None
 
     async def _lost_action(self, session: AsyncSession, booking_id: str) -> Action:
         status = await session.scalar(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core.ids import new_id
@@ -55,7 +55,7 @@ async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
         }
         for message in messages
     ]
-    await session.execute(insert(Notification), rows)
+    await session.execute(Notification.__table__.insert(), rows)
     session.info["notifications_written"] = session.info.get("notifications_written", 0) + len(rows)
     return [row["id"] for row in rows]
 

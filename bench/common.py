@@ -1,0 +1,129 @@
+"""Shared benchmark helpers: the machine we ran on, fresh databases, a server subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from dispatchd.core.db import Database
+from dispatchd.migrate import upgrade
+
+POSTGRES_URL = os.environ.get("DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+
+
+def machine() -> str:
+    """One line describing the machine: CPU model, cores, memory, Python, SQLite."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(
+            int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+        )
+        memory = f"{mem_kb / 1024 / 1024:.0f} GiB"
+    except (OSError, StopIteration):
+        memory = "?"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+    )
+
+
+async def postgres_version() -> str:
+    engine = create_async_engine(POSTGRES_URL)
+    try:
+        async with engine.connect() as connection:
+            return (await connection.scalar(text("SHOW server_version"))).split()[0]
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def fresh_database(backend: str):
+    """Yield the URL of a new, migrated database (``sqlite`` file in a temp dir, or ``postgres``)."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as folder:
+            url = f"sqlite+aiosqlite:///{folder}/bench.db"
+            db = Database(url)
+            await upgrade(db)
+            await db.dispose()
+            yield url
+        return
+    admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"dispatchd_bench_{uuid.uuid4().hex[:8]}"
+    async with admin.connect() as connection:
+        await connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    db = Database(url)
+    await upgrade(db)
+    await db.dispose()
+    try:
+        yield url
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def server(database_url: str, admin_key: str, **settings: str):
+    """Run ``dispatchd serve`` in its own process until ready; yield its base URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DISPATCHD_DATABASE_URL": database_url,
+        "DISPATCHD_ADMIN_API_KEY": admin_key,
+        "DISPATCHD_LOG_LEVEL": "WARNING",
+        **{f"DISPATCHD_{k.upper()}": v for k, v in settings.items()},
+    }
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dispatchd", "serve", "--port", str(port)], env=env, stdout=log, stderr=log
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"server exited: {log.read()[-2000:]}")
+                time.sleep(0.1)
+            yield base
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def run(main) -> None:
+    asyncio.run(main())
