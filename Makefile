@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -m bench.bench_matching
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

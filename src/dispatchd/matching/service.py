@@ -549,6 +549,22 @@ class MatchingService:
         )
         return ResponseResult(success, action, offer.booking_id, offer.driver_id)
 
+    async def _resolve_open_offer(
+        self, session: AsyncSession, offer: BookingOffer, response: OfferResponse, answer: str
+    ) -> bool:
+        """Close the offer with the driver's answer, only if it is still open; True when it was."""
+        result = await session.execute(
+            update(BookingOffer)
+            .where(BookingOffer.id == offer.id, BookingOffer.response.is_(None))
+            .values(
+                response=response.value,
+                driver_answer=answer,
+                responded_at=_now(session),
+                response_time_ms=_elapsed_ms(session, offer),
+            )
+        )
+        return result.rowcount == 1
+
     async def _record_answer(self, session: AsyncSession, offer: BookingOffer, answer: str) -> None:
         """Keep the first answer a driver gave, even when it came too late to count."""
         await session.execute(
@@ -562,17 +578,7 @@ class MatchingService:
     async def _reject(self, session: AsyncSession, offer: BookingOffer) -> ResponseResult:
         now = _now(session)
         booking = await self._booking_or_404(session, offer.booking_id, lock=True)
-        result = await session.execute(
-            update(BookingOffer)
-            .where(BookingOffer.id == offer.id, BookingOffer.response.is_(None))
-            .values(
-                response=OfferResponse.REJECTED.value,
-                driver_answer="REJECT",
-                responded_at=now,
-                response_time_ms=_elapsed_ms(session, offer),
-            )
-        )
-        if result.rowcount != 1:
+        if not await self._resolve_open_offer(session, offer, OfferResponse.REJECTED, "REJECT"):
             await session.refresh(offer)
             return await self._settled_result(session, offer, "REJECT")
         await session.execute(
@@ -628,17 +634,8 @@ class MatchingService:
                     "race lost", booking_id=booking_id, driver_id=driver_id, booking_status="ALREADY_ASSIGNED"
                 )
             return ResponseResult(False, action, booking_id, driver_id)
-        claimed = await session.execute(
-            update(BookingOffer)
-            .where(BookingOffer.id == offer.id, BookingOffer.response.is_(None))
-            .values(
-                response=OfferResponse.ACCEPTED.value,
-                driver_answer="ACCEPT",
-                responded_at=now,
-                response_time_ms=_elapsed_ms(session, offer),
-            )
-        )
-        if claimed.rowcount != 1:  # the sweeper expired this offer a moment ago
+        if not await self._resolve_open_offer(session, offer, OfferResponse.ACCEPTED, "ACCEPT"):
+            # the sweeper expired this offer a moment ago
             raise _Abort(Action.OFFER_EXPIRED)
         driver_free = await session.execute(
             update(Driver)
