@@ -243,5 +243,5 @@ def replay(
     )
     summary = asyncio.run(run_replay(options, console))
     summary.render(console)
-    if summary.double_assignments or summary.drivers_double_booked:
+    if not summary.ok:  # aborted, or a double assignment / a driver holding two bookings
         raise typer.Exit(1)

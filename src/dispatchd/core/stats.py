@@ -7,7 +7,10 @@ from collections.abc import Sequence
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0–100) by linear interpolation between closest ranks; None when empty."""
+    """The ``q``-th percentile (0–100) by linear interpolation between closest ranks (numpy's default,
+    Hyndman–Fan type 7); None when empty. Raises ValueError for ``q`` outside [0, 100]."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be within [0, 100], got {q}")
     if not values:
         return None
     ordered = sorted(values)
