@@ -16,8 +16,17 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 
 def bounding_box(lat: float, lon: float, radius_km: float) -> tuple[float, float, float, float]:
-    """``(min_lat, max_lat, min_lon, max_lon)`` enclosing the circle; a cheap SQL pre-filter."""
-    dlat = math.degrees(radius_km / EARTH_RADIUS_KM)
-    cos_lat = max(0.01, math.cos(math.radians(lat)))
-    dlon = min(180.0, math.degrees(radius_km / (EARTH_RADIUS_KM * cos_lat)))
-    return lat - dlat, lat + dlat, lon - dlon, lon + dlon
+    """``(min_lat, max_lat, min_lon, max_lon)`` enclosing every point within ``radius_km``: a cheap SQL
+    pre-filter before the exact haversine test.
+
+    Exact on the sphere (J. Matuschek, "Finding Points Within a Distance of a Latitude/Longitude Using
+    Bounding Coordinates"): the longitude half-span is ``asin(sin δ / cos φ)``, wider than ``δ / cos φ``.
+    Near a pole the box spans every longitude. It does not wrap across the antimeridian.
+    """
+    delta = radius_km / EARTH_RADIUS_KM
+    phi = math.radians(lat)
+    min_phi, max_phi = phi - delta, phi + delta
+    if min_phi <= -math.pi / 2 or max_phi >= math.pi / 2 or math.sin(delta) >= math.cos(phi):
+        return max(-90.0, math.degrees(min_phi)), min(90.0, math.degrees(max_phi)), -180.0, 180.0
+    dlon = math.degrees(math.asin(math.sin(delta) / math.cos(phi)))
+    return math.degrees(min_phi), math.degrees(max_phi), lon - dlon, lon + dlon
