@@ -163,6 +163,15 @@ def _now(session: AsyncSession) -> datetime:
     return session.info["now"]
 
 
+def _action_for(booking_status: str) -> Action:
+    """What an ACCEPT gets once the booking has left SEARCHING."""
+    if booking_status == BookingStatus.CANCELLED:
+        return Action.BOOKING_CANCELLED
+    if booking_status == BookingStatus.TIMEOUT:
+        return Action.OFFER_EXPIRED
+    return Action.ALREADY_TAKEN
+
+
 def _elapsed_ms(session: AsyncSession, offer: BookingOffer) -> int:
     """Server-measured response time: the server clock is the authority, not the app's."""
     return int((_now(session) - offer.sent_at).total_seconds() * 1000)
@@ -498,40 +507,45 @@ class MatchingService:
         try:
             async with self.db.transaction() as session:
                 now = _now(session)
-                offer = await self._offer_or_404(session, booking_id, driver_id)
+                offer, status, version = await self._offer_with_booking(session, booking_id, driver_id)
                 if offer.response is not None:
-                    return await self._settled_result(session, offer, answer)
+                    return await self._settled_result(session, offer, answer, status)
                 if now >= offer.expires_at:
                     await self._expire_offers(session, [offer.id])
                     await self._record_answer(session, offer, answer)
                     return ResponseResult(False, Action.OFFER_EXPIRED, booking_id, driver_id)
                 if answer == "REJECT":
                     return await self._reject(session, offer)
-                return await self._accept(session, offer)
+                return await self._accept(session, offer, status, version)
         except _Abort as lost:
             # The rare refusals after the booking row was updated roll everything back;
             # the driver's answer is kept in a transaction of its own.
             async with self.db.transaction() as session:
-                offer = await self._offer_or_404(session, booking_id, driver_id)
+                offer, _, _ = await self._offer_with_booking(session, booking_id, driver_id)
                 if lost.action is not Action.DRIVER_BUSY:
                     await self._record_answer(session, offer, "ACCEPT")
             return ResponseResult(False, lost.action, booking_id, driver_id)
 
-    async def _offer_or_404(self, session: AsyncSession, booking_id: str, driver_id: str) -> BookingOffer:
-        offer = await session.scalar(
-            select(BookingOffer).where(
-                BookingOffer.booking_id == booking_id, BookingOffer.driver_id == driver_id
+    async def _offer_with_booking(
+        self, session: AsyncSession, booking_id: str, driver_id: str
+    ) -> tuple[BookingOffer, str, int]:
+        """The driver's offer with its booking's ``(status, version)``, in one query."""
+        row = (
+            await session.execute(
+                select(BookingOffer, Booking.status, Booking.version)
+                .join(Booking, Booking.id == BookingOffer.booking_id)
+                .where(BookingOffer.booking_id == booking_id, BookingOffer.driver_id == driver_id)
             )
-        )
-        if offer is None:
+        ).first()
+        if row is None:
             await self._booking_or_404(session, booking_id)
             raise NotFound(
                 f"driver {driver_id} has no offer for booking {booking_id}", code="OFFER_NOT_FOUND"
             )
-        return offer
+        return row[0], row[1], row[2]
 
     async def _settled_result(
-        self, session: AsyncSession, offer: BookingOffer, answer: str
+        self, session: AsyncSession, offer: BookingOffer, answer: str, booking_status: str
     ) -> ResponseResult:
         """The answer for an offer that is already resolved (a repeat, or a late tap)."""
         await self._record_answer(session, offer, answer)
@@ -542,8 +556,7 @@ class MatchingService:
             OfferResponse.TAKEN: Action.ALREADY_TAKEN,
         }.get(OfferResponse(offer.response))
         if action is None:  # CANCELLED: by a cancel, or by the end of the search
-            status = await session.scalar(select(Booking.status).where(Booking.id == offer.booking_id))
-            action = Action.BOOKING_CANCELLED if status == BookingStatus.CANCELLED else Action.OFFER_EXPIRED
+            action = _action_for(booking_status)
         success = action in (Action.ASSIGNED, Action.REJECTED) and (
             (action is Action.ASSIGNED) == (answer == "ACCEPT")
         )
@@ -580,7 +593,7 @@ class MatchingService:
         booking = await self._booking_or_404(session, offer.booking_id, lock=True)
         if not await self._resolve_open_offer(session, offer, OfferResponse.REJECTED, "REJECT"):
             await session.refresh(offer)
-            return await self._settled_result(session, offer, "REJECT")
+            return await self._settled_result(session, offer, "REJECT", booking.status)
         await session.execute(
             update(MatchingMetrics)
             .where(MatchingMetrics.booking_id == booking.id)
@@ -597,7 +610,9 @@ class MatchingService:
             booking.next_wave_at = now  # everyone said no: escalate at the next sweep, not in 30 s
         return ResponseResult(True, Action.REJECTED, booking.id, offer.driver_id)
 
-    async def _accept(self, session: AsyncSession, offer: BookingOffer) -> ResponseResult:
+    async def _accept(
+        self, session: AsyncSession, offer: BookingOffer, status: str, version: int
+    ) -> ResponseResult:
         """The race: one conditional UPDATE on the booking decides (DESIGN.md, idea 2).
 
         Losing it writes nothing but the driver's answer. The rarer refusals that come after the booking
@@ -606,7 +621,9 @@ class MatchingService:
         """
         now = _now(session)
         booking_id, driver_id = offer.booking_id, offer.driver_id
-        version = await session.scalar(select(Booking.version).where(Booking.id == booking_id))
+        if status != BookingStatus.SEARCHING:  # decided already: no need to try the update
+            await self._record_answer(session, offer, "ACCEPT")
+            return ResponseResult(False, _action_for(status), booking_id, driver_id)
         try:
             won = await session.execute(
                 update(Booking)
@@ -627,7 +644,8 @@ class MatchingService:
         except IntegrityError:  # the partial unique index: this driver already holds an ASSIGNED booking
             raise _Abort(Action.DRIVER_BUSY) from None
         if won.rowcount != 1:
-            action = await self._lost_action(session, booking_id)
+            status = await session.scalar(select(Booking.status).where(Booking.id == booking_id))
+            action = _action_for(status)
             await self._record_answer(session, offer, "ACCEPT")
             if action is Action.ALREADY_TAKEN:
                 log.warning(
@@ -651,16 +669,6 @@ class MatchingService:
             raise _Abort(Action.DRIVER_BUSY)
         await self._after_assignment(session, booking_id, driver_id, offer.id)
         return ResponseResult(True, Action.ASSIGNED, booking_id, driver_id)
-
-    async def _lost_action(self, session: AsyncSession, booking_id: str) -> Action:
-        status = await session.scalar(
-            select(Booking.status).where(Booking.id == booking_id).execution_options(populate_existing=True)
-        )
-        if status == BookingStatus.CANCELLED:
-            return Action.BOOKING_CANCELLED
-        if status == BookingStatus.TIMEOUT:
-            return Action.OFFER_EXPIRED
-        return Action.ALREADY_TAKEN
 
     async def _after_assignment(
         self, session: AsyncSession, booking_id: str, driver_id: str, offer_id: str
