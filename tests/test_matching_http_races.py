@@ -26,6 +26,19 @@ async def _searching_booking(http: httpx.AsyncClient) -> str:
     return booking["id"]
 
 
+async def _accept(http: httpx.AsyncClient, booking_id: str, driver_id: str, key: str, barrier=None) -> dict:
+    """The driver (with its own key) accepts; waits at ``barrier`` first so that all go at once."""
+    if barrier is not None:
+        await barrier.wait()
+    answer = await http.post(
+        f"/v1/bookings/{booking_id}/responses",
+        json={"driver_id": driver_id, "type": "ACCEPT"},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 @pytest.mark.parametrize("contenders", [2, 3, 50])
 async def test_simultaneous_accepts_have_exactly_one_winner(live_server, contenders):
     limits = httpx.Limits(max_connections=contenders + 5)
@@ -36,17 +49,7 @@ async def test_simultaneous_accepts_have_exactly_one_winner(live_server, contend
         booking_id = await _searching_booking(http)
         barrier = asyncio.Barrier(contenders)
 
-        async def accept(driver_id: str, key: str) -> dict:
-            await barrier.wait()
-            answer = await http.post(
-                f"/v1/bookings/{booking_id}/responses",
-                json={"driver_id": driver_id, "type": "ACCEPT"},
-                headers={"Authorization": f"Bearer {key}"},
-            )
-            assert answer.status_code == 200, answer.text
-            return answer.json()
-
-        results = await asyncio.gather(*(accept(d, k) for d, k in drivers))
+        results = await asyncio.gather(*(_accept(http, booking_id, d, k, barrier) for d, k in drivers))
 
         winners = [r for r in results if r["action"] == "ASSIGNED"]
         assert len(winners) == 1 and winners[0]["success"] is True
@@ -68,17 +71,8 @@ async def test_one_driver_accepting_two_bookings_at_once_wins_at_most_one(live_s
         bookings = [await _searching_booking(http) for _ in range(5)]
         barrier = asyncio.Barrier(len(bookings))
 
-        async def accept(booking_id: str) -> str:
-            await barrier.wait()
-            answer = await http.post(
-                f"/v1/bookings/{booking_id}/responses",
-                json={"driver_id": driver_id, "type": "ACCEPT"},
-                headers={"Authorization": f"Bearer {key}"},
-            )
-            assert answer.status_code == 200, answer.text
-            return answer.json()["action"]
-
-        actions = await asyncio.gather(*(accept(b) for b in bookings))
+        answers = await asyncio.gather(*(_accept(http, b, driver_id, key, barrier) for b in bookings))
+        actions = [a["action"] for a in answers]
 
         assert actions.count("ASSIGNED") == 1
         assert set(actions) == {"ASSIGNED", "DRIVER_BUSY"}
@@ -95,18 +89,12 @@ async def test_many_bookings_and_drivers_racing_never_double_assign(live_server)
         drivers = [await _driver_with_key(http) for _ in range(10)]
         bookings = [await _searching_booking(http) for _ in range(20)]
 
-        async def accept(booking_id: str, driver_id: str, key: str) -> tuple[str, str, str]:
-            answer = await http.post(
-                f"/v1/bookings/{booking_id}/responses",
-                json={"driver_id": driver_id, "type": "ACCEPT"},
-                headers={"Authorization": f"Bearer {key}"},
-            )
-            assert answer.status_code == 200, answer.text
-            return booking_id, driver_id, answer.json()["action"]
+        pairs = [(b, d, k) for b in bookings for d, k in drivers]
+        answers = await asyncio.gather(*(_accept(http, b, d, k) for b, d, k in pairs))
 
-        results = await asyncio.gather(*(accept(b, d, k) for b in bookings for d, k in drivers))
-
-        won = [(b, d) for b, d, action in results if action == "ASSIGNED"]
+        won = [
+            (b, d) for (b, d, _), answer in zip(pairs, answers, strict=True) if answer["action"] == "ASSIGNED"
+        ]
         assert len(won) == 10  # every driver ends with exactly one booking: 10 drivers, 20 bookings
         assert len({b for b, _ in won}) == len(won) and len({d for _, d in won}) == len(won)
         for booking_id in bookings:
