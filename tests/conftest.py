@@ -36,7 +36,20 @@ REQUIRE_SERVICES = os.environ.get("DISPATCHD_REQUIRE_SERVICES") == "1"
 POSTGRES_URL = os.environ.get(
     "DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
-TABLES = ["events", "notifications", "matching_metrics", "booking_offers", "bookings", "drivers", "api_keys"]
+TABLES = [
+    "audit_log",
+    "idempotent_requests",
+    "waiting_list_entries",
+    "reservations",
+    "resources",
+    "events",
+    "notifications",
+    "matching_metrics",
+    "booking_offers",
+    "bookings",
+    "drivers",
+    "api_keys",
+]
 
 
 def run_blocking(coroutine_function, *args):

@@ -28,7 +28,7 @@ from dispatchd.core.clock import Clock
 from dispatchd.core.db import Database
 from dispatchd.core.errors import DispatchdError, problem
 from dispatchd.core.logging import get_logger
-from dispatchd.core.sweeper import Sweeper
+from dispatchd.core.sweeper import Deadline, Sweeper
 from dispatchd.deps import PrincipalCache, principal
 from dispatchd.matching import deadlines
 from dispatchd.matching import router as matching_router
@@ -36,6 +36,10 @@ from dispatchd.matching.service import MatchingConfig, MatchingService
 from dispatchd.notifications import router as notifications_router
 from dispatchd.notifications.channels.log import LogChannel
 from dispatchd.notifications.delivery import DeliveryWorker
+from dispatchd.reservations import metrics as reservation_metrics
+from dispatchd.reservations import router as reservations_router
+from dispatchd.reservations.router import AvailabilityCache, RateLimiter
+from dispatchd.reservations.service import ReservationsConfig, ReservationService
 
 log = get_logger("dispatchd.app")
 
@@ -48,6 +52,8 @@ Self-hosted dispatch engine for businesses that run on WhatsApp.
   exactly once. Offers expire after 30 s, searches after 5 min (then the customer and admins are told).
 * **Event log**: every state change, in order, resumable with `GET /v1/events?after=`.
 * **Outbox**: every outgoing message is a row written with the change that causes it.
+* **Reservations** (seed 003): capacity-limited resources booked atomically, never overbooked, with a
+  waiting list, an audit log, `Idempotency-Key` and per-key rate limits.
 
 Authenticate with `Authorization: Bearer <api key>`. Errors are RFC 9457 `application/problem+json`
 with a stable `code`.
@@ -61,6 +67,7 @@ class Services:
     settings: Settings
     db: Database
     matching: MatchingService
+    reservations: ReservationService
     sweeper: Sweeper
     delivery: DeliveryWorker
 
@@ -79,17 +86,30 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             admin_phones=tuple(settings.admin_phones),
         ),
     )
+    reservations = ReservationService(db, ReservationsConfig(hold_s=settings.waiting_list_hold_s))
     sweeper = Sweeper(db, interval_s=settings.sweep_interval_s, batch_size=settings.sweep_batch_size)
     deadlines.register(sweeper, matching)
+    sweeper.register(
+        Deadline("waiting_list_hold", reservations.expire_due_holds, reservations.oldest_due_hold)
+    )
     delivery = DeliveryWorker(
         db, LogChannel(), batch_size=settings.delivery_batch_size, lease_s=settings.delivery_lease_s
     )
-    return Services(settings, db, matching, sweeper, delivery)
+    return Services(settings, db, matching, reservations, sweeper, delivery)
+
+
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
 
 
 class RequestContext:
     """Pure ASGI middleware: a request id per request (``X-Request-ID`` in and out), bound to every log
-    line, one access log line, and ``X-Content-Type-Options: nosniff``."""
+    line, one access log line, and the security headers (OWASP secure headers: nosniff, DENY framing,
+    no referrer, same-origin resources)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -114,7 +134,7 @@ class RequestContext:
                 message["headers"] = [
                     *message["headers"],
                     (b"x-request-id", request_id.encode("latin-1")),
-                    (b"x-content-type-options", b"nosniff"),
+                    *SECURITY_HEADERS,
                 ]
             await send(message)
 
@@ -131,7 +151,7 @@ class RequestContext:
 
 
 def _problem_response(
-    request: Request, status: int, code: str, title: str, detail: str, **extra
+    request: Request, status: int, code: str, title: str, detail: str, headers: dict | None = None, **extra
 ) -> JSONResponse:
     body = problem(
         status=status,
@@ -142,13 +162,15 @@ def _problem_response(
         request_id=getattr(request.state, "request_id", None),
         **extra,
     )
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DispatchdError)
     async def _domain_error(request: Request, exc: DispatchdError) -> JSONResponse:
-        return _problem_response(request, exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+        return _problem_response(
+            request, exc.status, exc.code, exc.title, exc.detail, headers=exc.headers, **exc.extra
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -233,6 +255,10 @@ def create_app(
             {"name": "matching", "description": "Drivers, bookings, broadcast matching (seed 000)"},
             {"name": "events", "description": "The append-only event log"},
             {"name": "notifications", "description": "The outbox of outgoing messages"},
+            {
+                "name": "reservations",
+                "description": "Capacity booked atomically, waiting list, admin (seed 003)",
+            },
             {"name": "auth", "description": "API keys"},
             {"name": "operations", "description": "Probes, health, metrics"},
         ],
@@ -243,13 +269,18 @@ def create_app(
     app.state.matching = services.matching
     app.state.sweeper = services.sweeper
     app.state.delivery = services.delivery
+    app.state.reservations = services.reservations
     app.state.principals = PrincipalCache(settings.auth_cache_s)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage)
+    app.state.availability = AvailabilityCache(settings.availability_cache_s)
+    services.db.after_commit.append(app.state.availability.on_commit)
 
     app.add_middleware(RequestContext)
     _install_error_handlers(app)
     app.include_router(matching_router.router)
     app.include_router(core_router.router)
     app.include_router(notifications_router.router)
+    app.include_router(reservations_router.router)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def liveness() -> dict:
@@ -274,6 +305,9 @@ def create_app(
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
+        active, utilization = await services.reservations.utilization()
+        reservation_metrics.ACTIVE_RESOURCES.set(active)
+        reservation_metrics.CAPACITY_UTILIZATION.set(utilization or 0.0)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(

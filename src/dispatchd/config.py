@@ -68,6 +68,19 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated E.164 numbers that receive admin alerts"
     )
 
+    waiting_list_hold_s: float = Field(
+        default=900.0, gt=0, description="How long a freed place is held for the waiting list's head"
+    )
+    availability_cache_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Availability views are cached this long (invalidated by local commits)",
+    )
+    rate_limit: str = Field(
+        default="100/second;3000/minute", description="Per API key on the reservation routes (limits syntax)"
+    )
+    rate_limit_storage: str = Field(default="memory://", description="memory:// (per process) or redis://host:6379")
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -100,6 +113,18 @@ class Settings(BaseSettings):
     def _channel(cls, value: str) -> str:
         if value not in {"log"}:
             raise ValueError("must be one of: log")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        if value:
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError("must look like '100/second;3000/minute' (or be empty: no limit)") from None
         return value
 
     @field_validator("log_level")

@@ -6,9 +6,12 @@
     ├── Unauthorized (401 UNAUTHORIZED)
     ├── Forbidden (403 FORBIDDEN)
     ├── NotFound (404 NOT_FOUND; codes BOOKING_NOT_FOUND, DRIVER_NOT_FOUND, OFFER_NOT_FOUND, …)
-    ├── InvalidInput (422 VALIDATION_ERROR)
+    ├── InvalidInput (422 VALIDATION_ERROR; IDEMPOTENCY_KEY_REUSED)
+    ├── RateLimited (429 RATE_LIMITED, with Retry-After; reservations.router)
     └── Conflict (409 CONFLICT)
-        └── InvalidState (409 INVALID_STATE)
+        ├── InvalidState (409 INVALID_STATE)
+        ├── ResourceFull (409 RESOURCE_FULL; reservations.service)
+        └── ResourceClosed (409 RESOURCE_CLOSED; reservations.service)
 
 Every subclass carries a stable ``code``; clients branch on it, never on ``detail``.
 """
@@ -23,12 +26,20 @@ class DispatchdError(Exception):
     code = "INTERNAL_ERROR"
     title = "Internal error"
 
-    def __init__(self, detail: str, *, code: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        code: str | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         if code:
             self.code = code
         self.extra = extra or {}
+        self.headers = dict(headers or {})
 
 
 class Unauthorized(DispatchdError):

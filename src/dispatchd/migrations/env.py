@@ -4,8 +4,10 @@ from alembic import context
 
 import dispatchd.core.auth  # noqa: F401  (register tables on the metadata)
 import dispatchd.core.events  # noqa: F401
+import dispatchd.core.idempotency  # noqa: F401
 import dispatchd.matching.models  # noqa: F401
 import dispatchd.notifications.models  # noqa: F401
+import dispatchd.reservations.models  # noqa: F401
 from dispatchd.core.db import Base
 
 connection = context.config.attributes.get("connection")

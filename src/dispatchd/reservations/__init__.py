@@ -1,0 +1,1 @@
+"""Reservations: capacity-limited resources booked atomically, never overbooked (seed 003)."""
