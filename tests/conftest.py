@@ -155,6 +155,7 @@ def make_settings(db_url: str, **overrides: object) -> Settings:
         "driver_stale_after_s": 0,
         "log_json": False,
         "admin_phones": ["+33600000000"],
+        "rate_limit": "",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -139,3 +139,58 @@ async def test_two_servers_on_one_postgres_assign_each_booking_once(postgres_url
         finally:
             for http in clients:
                 await http.aclose()
+
+
+@pytest.mark.postgres
+async def test_two_servers_on_one_postgres_sell_the_last_place_once(postgres_url, tmp_path):
+    """Seed 003 "Scénario concurrence" across two `dispatchd serve` processes sharing PostgreSQL."""
+    from tests.test_reservations import _hundred_buyers_for_the_last_place
+
+    await reset_postgres(postgres_url)
+    ports = [free_port(), free_port()]
+    env = {
+        "DISPATCHD_DATABASE_URL": postgres_url,
+        "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY,
+        "DISPATCHD_RATE_LIMIT": "",
+    }
+    with serve(env, ports[0], tmp_path / "a.log"), serve(env, ports[1], tmp_path / "b.log"):
+        statuses = await _hundred_buyers_for_the_last_place([f"http://127.0.0.1:{p}" for p in ports])
+    assert statuses.count(201) == 1 and statuses.count(409) == 99
+
+
+def test_resources_import_is_all_or_nothing_with_line_numbers(tmp_path: Path):
+    url = f"sqlite+aiosqlite:///{tmp_path}/i.db"
+    env = {"DISPATCHD_DATABASE_URL": url, "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY}
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"], env=env).exit_code == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "id,type,name,capacity,metadata\n"
+        "bus-1,seat,Bus 1,45,\n"
+        "bus-2,seat,Bus 2,-3,\n"
+        "bus-3,seat,,10,\n"
+        "bus-1,seat,Bus 1 again,5,\n"
+        'tech-1,half_day,Awa,1,"{""zone"": ""Plateau""}"\n'
+    )
+    refused = runner.invoke(cli, ["resources", "import", str(bad)], env=env)
+    assert refused.exit_code == 1
+    for expected in (
+        "line 3: capacity",
+        "line 4: name",
+        "line 5: id bus-1 already on line 2",
+        "nothing imported",
+    ):
+        assert expected in " ".join(refused.output.split())  # Rich wraps long lines
+    good = tmp_path / "good.csv"
+    good.write_text(
+        'id,type,name,capacity,metadata\nbus-1,seat,Bus 1,45,\ntech-1,half_day,Awa,1,"{""zone"": ""P""}"\n'
+    )
+    imported = runner.invoke(cli, ["resources", "import", str(good)], env=env)
+    assert imported.exit_code == 0 and "imported 2 resources" in imported.output
+    again = runner.invoke(cli, ["resources", "import", str(good)], env=env)
+    assert again.exit_code == 1 and "nothing was imported" in " ".join(again.output.split())
+    exported = runner.invoke(cli, ["reservations", "export", "--format", "csv"], env=env)
+    assert exported.exit_code == 0
+    assert (
+        exported.output.splitlines()[0] == "id,resource_id,client_id,quantity,status,created_at,cancelled_at"
+    )

@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     rate_limit: str = Field(
         default="100/second;3000/minute", description="Per API key on the reservation routes (limits syntax)"
     )
-    rate_limit_storage: str = Field(default="memory://", description="memory:// (per process) or redis://host:6379")
+    rate_limit_storage: str = Field(
+        default="memory://", description="memory:// (per process) or redis://host:6379"
+    )
 
     log_level: str = "INFO"
     log_json: bool = True

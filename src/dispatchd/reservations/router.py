@@ -18,6 +18,7 @@ from dispatchd.core import idempotency
 from dispatchd.core.auth import Principal
 from dispatchd.core.errors import DispatchdError
 from dispatchd.deps import principal
+from dispatchd.reservations.csvio import EXPORT_COLUMNS, reservation_row
 from dispatchd.reservations.schemas import (
     AuditOut,
     Availability,
@@ -32,8 +33,6 @@ from dispatchd.reservations.schemas import (
 from dispatchd.reservations.service import REFUSALS, Idempotency, ReservationService
 
 router = APIRouter(prefix="/v1", tags=["reservations"])
-
-EXPORT_COLUMNS = ["id", "resource_id", "client_id", "quantity", "status", "created_at", "cancelled_at"]
 
 
 class RateLimited(DispatchdError):
@@ -238,18 +237,7 @@ async def _csv_rows(svc: ReservationService, resource_id: str | None) -> AsyncIt
     writer = csv.writer(buffer)
     writer.writerow(EXPORT_COLUMNS)
     async for batch in svc.iter_reservations(resource_id):
-        for row in batch:
-            writer.writerow(
-                [
-                    row.id,
-                    row.resource_id,
-                    row.client_id,
-                    row.quantity,
-                    row.status,
-                    row.created_at.isoformat(),
-                    row.cancelled_at.isoformat() if row.cancelled_at else "",
-                ]
-            )
+        writer.writerows(reservation_row(row) for row in batch)
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

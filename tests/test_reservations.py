@@ -1,0 +1,293 @@
+"""Seed 003: capacity booked atomically, never overbooked; waiting list; admin; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+
+import aiohttp
+import httpx
+import pytest
+from sqlalchemy import select
+
+from dispatchd.notifications.models import Notification
+from dispatchd.reservations.service import ResourceFull
+from tests.conftest import admin_headers
+
+
+async def _resource(http, capacity: int, **extra) -> str:
+    created = await http.post(
+        "/v1/resources", json={"type": "seat", "name": "Bus 12", "capacity": capacity, **extra}
+    )
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+async def _reserve(http, resource_id: str, quantity: int = 1, client: str = "c1", **headers):
+    return await http.post(
+        "/v1/reservations",
+        json={"resource_id": resource_id, "client_id": client, "quantity": quantity},
+        headers=headers,
+    )
+
+
+async def _hundred_buyers_for_the_last_place(base_urls: list[str]) -> list[int]:
+    """100 simultaneous POSTs (aiohttp: real sockets, no client-side queueing) spread over ``base_urls``."""
+    async with aiohttp.ClientSession(headers=admin_headers()) as http:
+        async with http.post(
+            f"{base_urls[0]}/v1/resources", json={"type": "seat", "name": "last seat", "capacity": 1}
+        ) as created:
+            resource_id = (await created.json())["id"]
+        barrier = asyncio.Barrier(100)
+
+        async def buy(n: int) -> tuple[int, str]:
+            await barrier.wait()
+            async with http.post(
+                f"{base_urls[n % len(base_urls)]}/v1/reservations",
+                json={"resource_id": resource_id, "client_id": f"buyer-{n}", "quantity": 1},
+            ) as answer:
+                return answer.status, (await answer.json()).get("code", "CONFIRMED")
+
+        results = await asyncio.gather(*(buy(n) for n in range(100)))
+        async with http.get(f"{base_urls[-1]}/v1/resources/{resource_id}") as read:
+            resource = await read.json()
+    assert sorted(set(results)) == [(201, "CONFIRMED"), (409, "RESOURCE_FULL")]
+    assert [status for status, _ in results].count(201) == 1
+    assert (resource["reserved"], resource["available"]) == (1, 0)
+    return [status for status, _ in results]
+
+
+async def test_hundred_simultaneous_buyers_for_one_place_through_a_live_server(live_server):
+    statuses = await _hundred_buyers_for_the_last_place([live_server])
+    assert statuses.count(409) == 99
+
+
+async def test_every_refusal_has_its_code_and_changes_nothing(client):
+    resource_id = await _resource(client, 2)
+    assert (await _reserve(client, resource_id, 2)).status_code == 201
+    full = await _reserve(client, resource_id)
+    assert (full.status_code, full.json()["code"]) == (409, "RESOURCE_FULL")
+    assert full.headers["content-type"].startswith("application/problem+json")
+    assert (await client.post(f"/v1/resources/{resource_id}/close")).json()["state"] == "CLOSED"
+    closed = await _reserve(client, resource_id)
+    assert closed.json()["code"] == "RESOURCE_CLOSED"
+    assert (await _reserve(client, "res_missing")).json()["code"] == "RESOURCE_NOT_FOUND"
+    assert (await _reserve(client, resource_id, 0)).json()["code"] == "VALIDATION_ERROR"
+    again = await client.post(f"/v1/resources/{resource_id}/close")
+    assert (again.status_code, again.json()["code"]) == (409, "INVALID_STATE")
+    shrink = await client.patch(f"/v1/resources/{resource_id}", json={"capacity": 1})
+    assert (shrink.status_code, shrink.json()["code"]) == (409, "INVALID_STATE")
+    resource = (await client.get(f"/v1/resources/{resource_id}")).json()
+    assert (resource["capacity"], resource["reserved"], resource["state"]) == (2, 2, "CLOSED")
+    timeline = (await client.get(f"/v1/resources/{resource_id}/timeline")).json()["events"]
+    rejected = [e["data"]["code"] for e in timeline if e["type"] == "ReservationRejected"]
+    assert rejected == ["RESOURCE_FULL", "RESOURCE_CLOSED"]
+
+
+async def test_cancel_frees_the_places_once(client):
+    resource_id = await _resource(client, 1)
+    reservation = (await _reserve(client, resource_id)).json()
+    cancelled = await client.post(f"/v1/reservations/{reservation['id']}/cancel")
+    assert cancelled.json()["status"] == "CANCELLED" and cancelled.json()["cancelled_at"]
+    twice = await client.post(f"/v1/reservations/{reservation['id']}/cancel")
+    assert twice.json()["code"] == "INVALID_STATE"
+    assert (await client.get(f"/v1/resources/{resource_id}")).json()["reserved"] == 0
+    assert (await _reserve(client, resource_id)).status_code == 201
+
+
+async def test_timeline_of_ten_sequential_reservations(client, clock):
+    """Seed 003 "Scénario timeline": ordered server timestamps, timeline rebuilt from the event log."""
+    resource_id = await _resource(client, 10)
+    made = []
+    for n in range(10):
+        clock.advance(1)
+        made.append((await _reserve(client, resource_id, client=f"client-{n}")).json())
+    stamps = [r["created_at"] for r in made]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 10
+    timeline = (await client.get(f"/v1/resources/{resource_id}/timeline")).json()["events"]
+    confirmed = [e for e in timeline if e["type"] == "ReservationConfirmed"]
+    assert [e["data"]["reservation_id"] for e in confirmed] == [r["id"] for r in made]
+    assert [e["data"]["reserved"] for e in confirmed] == list(range(1, 11))
+    assert [e["data"]["version"] for e in confirmed] == sorted(e["data"]["version"] for e in confirmed)
+    assert [e["data"]["at"] for e in confirmed] == [e for e in sorted(e["data"]["at"] for e in confirmed)]
+
+
+async def test_idempotency_key_returns_the_first_answer(client):
+    resource_id = await _resource(client, 5)
+    first = await _reserve(client, resource_id, **{"Idempotency-Key": "order-42"})
+    retry = await _reserve(client, resource_id, **{"Idempotency-Key": "order-42"})
+    assert first.status_code == retry.status_code == 201
+    assert retry.json()["id"] == first.json()["id"] and retry.headers["Idempotent-Replayed"] == "true"
+    reused = await _reserve(client, resource_id, 2, **{"Idempotency-Key": "order-42"})
+    assert (reused.status_code, reused.json()["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    assert (await client.get(f"/v1/resources/{resource_id}")).json()["reserved"] == 1
+
+
+async def test_a_refusal_is_replayed_too(client):
+    resource_id = await _resource(client, 0)
+    first = await _reserve(client, resource_id, **{"Idempotency-Key": "k"})
+    await client.patch(f"/v1/resources/{resource_id}", json={"capacity": 5})
+    retry = await _reserve(client, resource_id, **{"Idempotency-Key": "k"})
+    assert first.json()["code"] == retry.json()["code"] == "RESOURCE_FULL"
+    assert retry.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_concurrent_retries_with_one_key_book_once(live_server):
+    async with httpx.AsyncClient(base_url=live_server, headers=admin_headers(), timeout=60) as http:
+        resource_id = await _resource(http, 10)
+        answers = await asyncio.gather(
+            *(_reserve(http, resource_id, **{"Idempotency-Key": "same"}) for _ in range(10))
+        )
+        assert {a.status_code for a in answers} == {201}
+        assert len({a.json()["id"] for a in answers}) == 1
+        assert (await http.get(f"/v1/resources/{resource_id}")).json()["reserved"] == 1
+
+
+async def test_waiting_list_in_strict_order_with_expiring_holds(client, services, clock):
+    resource_id = await _resource(client, 1)
+    taken = (await _reserve(client, resource_id, client="first")).json()
+    join = {"resource_id": resource_id, "quantity": 1}
+    ana = (
+        await client.post(
+            "/v1/waiting-list/join", json={**join, "client_id": "ana", "contact": "+221770000010"}
+        )
+    ).json()
+    clock.advance(1)
+    ben = (await client.post("/v1/waiting-list/join", json={**join, "client_id": "ben"})).json()
+    assert ana["status"] == ben["status"] == "WAITING"
+
+    await client.post(f"/v1/reservations/{taken['id']}/cancel")
+
+    ana = (await client.get(f"/v1/waiting-list/{ana['id']}")).json()
+    assert ana["status"] == "OFFERED" and ana["hold_expires_at"]
+    assert (await _reserve(client, resource_id, client="newcomer")).json()["code"] == "RESOURCE_FULL"
+    async with services.db.read() as session:
+        [told] = (
+            await session.scalars(select(Notification).where(Notification.category == "waiting_list_offer"))
+        ).all()
+    assert told.recipient == "+221770000010" and "PLACE DISPONIBLE" in told.body
+
+    clock.advance(900)
+    handled = await services.sweeper.run_once()
+    assert handled["waiting_list_hold"] == 1
+    assert (await client.get(f"/v1/waiting-list/{ana['id']}")).json()["status"] == "EXPIRED"
+    late = await client.post(f"/v1/waiting-list/{ana['id']}/confirm")
+    assert late.json()["code"] == "INVALID_STATE"
+    assert (await client.get(f"/v1/waiting-list/{ben['id']}")).json()["status"] == "OFFERED"
+
+    confirmed = await client.post(f"/v1/waiting-list/{ben['id']}/confirm")
+    assert confirmed.status_code == 201 and confirmed.json()["waiting_list_entry_id"] == ben["id"]
+    resource = (await client.get(f"/v1/resources/{resource_id}")).json()
+    assert (resource["reserved"], resource["held"], resource["available"]) == (1, 0, 0)
+
+
+async def test_joining_is_refused_while_places_are_free(client):
+    resource_id = await _resource(client, 3)
+    refused = await client.post("/v1/waiting-list/join", json={"resource_id": resource_id, "client_id": "x"})
+    assert (refused.status_code, refused.json()["code"]) == (409, "INVALID_STATE")
+
+
+async def test_leaving_an_offer_and_resizing_up_serve_the_next_entries(client, clock):
+    resource_id = await _resource(client, 1)
+    await _reserve(client, resource_id)
+    entries = []
+    for n in range(3):
+        clock.advance(0.001)  # server timestamps decide the order
+        joined = await client.post(
+            "/v1/waiting-list/join", json={"resource_id": resource_id, "client_id": f"w{n}"}
+        )
+        entries.append(joined.json())
+    await client.patch(f"/v1/resources/{resource_id}", json={"capacity": 2})
+    assert (await client.get(f"/v1/waiting-list/{entries[0]['id']}")).json()["status"] == "OFFERED"
+    left = await client.delete(f"/v1/waiting-list/{entries[0]['id']}")
+    assert left.json()["status"] == "LEFT"
+    statuses = [(await client.get(f"/v1/waiting-list/{e['id']}")).json()["status"] for e in entries]
+    assert statuses == ["LEFT", "OFFERED", "WAITING"]
+
+
+async def test_availability_is_cached_and_invalidated_by_commits(client):
+    resource_id = await _resource(client, 3)
+    first = await client.get("/v1/availability", params={"resource_id": resource_id})
+    second = await client.get("/v1/availability", params={"resource_id": resource_id})
+    assert (first.headers["X-Cache-Status"], second.headers["X-Cache-Status"]) == ("MISS", "HIT")
+    await _reserve(client, resource_id)
+    third = await client.get("/v1/availability", params={"resource_id": resource_id})
+    assert third.headers["X-Cache-Status"] == "MISS" and third.json()["available"] == 2
+
+
+async def test_admin_actions_are_audited_with_before_and_after(client):
+    resource_id = await _resource(client, 4)
+    await client.patch(f"/v1/resources/{resource_id}", json={"capacity": 6})
+    await client.post(f"/v1/resources/{resource_id}/close")
+    await client.post(f"/v1/resources/{resource_id}/reopen")
+    audit = (await client.get("/v1/audit", params={"target_id": resource_id})).json()
+    assert [a["action"] for a in audit] == [
+        "resource.create",
+        "resource.resize",
+        "resource.closed",
+        "resource.reopened",
+    ]
+    resize = audit[1]
+    assert (resize["before"]["capacity"], resize["after"]["capacity"]) == (4, 6)
+    assert resize["actor"].startswith("admin:key_")
+    integration = (await client.post("/v1/api-keys", json={"role": "integration"})).json()["key"]
+    forbidden = await client.get("/v1/audit", headers={"Authorization": f"Bearer {integration}"})
+    assert forbidden.json()["code"] == "FORBIDDEN"
+
+
+async def test_export_streams_every_reservation_as_csv(client, clock):
+    resource_id = await _resource(client, 5)
+    for n in range(3):
+        clock.advance(0.001)
+        await _reserve(client, resource_id, client=f"c{n}")
+    export = await client.get("/v1/reservations/export.csv", params={"resource_id": resource_id})
+    assert export.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(export.text)))
+    assert [r["client_id"] for r in rows] == ["c0", "c1", "c2"] and {r["status"] for r in rows} == {
+        "CONFIRMED"
+    }
+
+
+async def test_rate_limit_per_api_key(services, settings, clock):
+    from dispatchd.app import create_app
+    from tests.conftest import make_settings
+
+    limited = make_settings(settings.database_url, rate_limit="3/minute")
+    app = create_app(limited, clock=clock, run_migrations=False, background=False, services=services)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t", headers=admin_headers()
+    ) as http:
+        resource_id = await _resource(http, 10)
+        answers = [await _reserve(http, resource_id) for _ in range(4)]
+    assert [a.status_code for a in answers] == [201, 201, 201, 429]
+    assert answers[3].json()["code"] == "RATE_LIMITED" and int(answers[3].headers["Retry-After"]) >= 1
+
+
+async def test_security_headers_and_metrics(client):
+    resource_id = await _resource(client, 1)
+    response = await _reserve(client, resource_id)
+    assert (
+        response.headers["X-Frame-Options"] == "DENY"
+        and response.headers["X-Content-Type-Options"] == "nosniff"
+    )
+    await _reserve(client, resource_id)
+    text = (await client.get("/metrics")).text
+    for name in (
+        "reservations_total",
+        'rejections_total{code="RESOURCE_FULL"}',
+        "commit_duration_seconds_bucket",
+        "active_resources",
+        "capacity_utilization",
+    ):
+        assert name in text
+
+
+async def test_service_refusal_outcome_raises_the_right_error(services):
+    resource = await services.reservations.create_resource(
+        {"type": "slot", "name": "x", "capacity": 0}, "test"
+    )
+    outcome = await services.reservations.reserve(resource.id, "c", 1)
+    assert outcome.reservation is None and outcome.refusal == "RESOURCE_FULL"
+    with pytest.raises(ResourceFull):
+        raise ResourceFull(outcome.detail)
