@@ -22,8 +22,10 @@ from typing import Any
 
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from dispatchd.core.clock import Clock, SystemClock
 
@@ -34,6 +36,32 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+#: PostgreSQL SQLSTATEs worth one more try: serialization_failure, deadlock_detected.
+TRANSIENT_SQLSTATES = {"40001", "40P01"}
+
+
+def is_transient(error: BaseException) -> bool:
+    """A deadlock or serialisation failure (PostgreSQL), or "database is locked" (SQLite)."""
+    if isinstance(error, OperationalError) and "database is locked" in str(error):
+        return True
+    return isinstance(error, DBAPIError) and getattr(error.orig, "sqlstate", None) in TRANSIENT_SQLSTATES
+
+
+#: Decorator for a unit of work that may be re-run from the start: the database rolled it back whole.
+retry_transient = retry(
+    retry=retry_if_exception(is_transient),
+    stop=stop_after_attempt(4),
+    wait=wait_random_exponential(multiplier=0.01, max=0.2),
+    reraise=True,
+)
+
+
+def lock_for_update(query):
+    """``FOR NO KEY UPDATE`` on PostgreSQL (plain ``FOR UPDATE`` would also block the foreign-key checks
+    of other transactions and deadlock with them); nothing on SQLite, whose writers are serialised."""
+    return query.with_for_update(key_share=True)
 
 
 class Base(DeclarativeBase):

@@ -52,18 +52,24 @@ class Sweeper:
     async def run_once(self) -> dict[str, int]:
         """Handle everything due now; return ``{deadline name: rows handled}``."""
         handled: dict[str, int] = {}
+        failed: list[str] = []
         for deadline in self.deadlines:
             total = 0
-            for _ in range(MAX_BATCHES_PER_TICK):
-                count = await deadline.handle(self.db, self.batch_size)
-                total += count
-                if count < self.batch_size:
-                    break
+            try:
+                for _ in range(MAX_BATCHES_PER_TICK):
+                    count = await deadline.handle(self.db, self.batch_size)
+                    total += count
+                    if count < self.batch_size:
+                        break
+            except Exception as exc:  # one failing deadline must not starve the others
+                failed.append(f"{deadline.name}: {exc!r}")
+                log.exception("deadline handler failed", deadline=deadline.name)
             handled[deadline.name] = total
             if total:
                 metrics.SWEEPER_HANDLED.labels(deadline.name).inc(total)
         metrics.SWEEPER_TICKS.inc()
         self.last_tick_monotonic = time.monotonic()
+        self.last_error = "; ".join(failed) or None
         return handled
 
     async def lag_s(self) -> float:
@@ -86,7 +92,6 @@ class Sweeper:
         while not stop.is_set():
             try:
                 handled = await self.run_once()
-                self.last_error = None
                 if any(handled.values()):
                     log.info("sweeper handled deadlines", **handled)
             except Exception as exc:  # a broken tick must not kill the loop

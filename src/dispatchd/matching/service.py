@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import events, metrics
-from dispatchd.core.db import Database
+from dispatchd.core.db import Database, lock_for_update, retry_transient
 from dispatchd.core.errors import Conflict, InvalidInput, InvalidState, NotFound
 from dispatchd.core.ids import new_id
 from dispatchd.core.logging import get_logger
@@ -225,6 +225,7 @@ class MatchingService:
                 query = query.where(Driver.status == status.value)
             return list((await session.scalars(query)).all())
 
+    @retry_transient
     async def update_driver(self, driver_id: str, changes: dict[str, Any]) -> Driver:
         """Apply ``changes`` (status AVAILABLE/OFFLINE, position, profile).
 
@@ -255,6 +256,7 @@ class MatchingService:
             raise Conflict(f"a driver with phone {changes.get('phone')} already exists") from None
         return driver
 
+    @retry_transient
     async def heartbeat(self, driver_id: str, lat: float | None = None, lon: float | None = None) -> Driver:
         """Record that the driver's app is alive (``last_seen_at`` = now), optionally its position."""
         async with self.db.transaction() as session:
@@ -300,6 +302,7 @@ class MatchingService:
 
     # --------------------------------------------------------------- matching
 
+    @retry_transient
     async def start_matching(self, booking_id: str, options: MatchingOptions | None = None) -> MatchingResult:
         """Seed 000 §2.3 startMatching: offer a PENDING booking to every available driver at once.
 
@@ -434,7 +437,8 @@ class MatchingService:
         """Write offers, offer messages and OfferSent events for one wave; set the next wave's deadline."""
         now = _now(session)
         candidates = await self._find_drivers(session, booking, options, radius_km)
-        expires_at = now + timedelta(seconds=self.config.offer_timeout_s)
+        # an offer never outlives its search
+        expires_at = min(now + timedelta(seconds=self.config.offer_timeout_s), booking.search_deadline_at)
         if candidates:
             offers = [
                 {
@@ -497,6 +501,7 @@ class MatchingService:
         metrics.BROADCAST_SIZE.observe(len(candidates))
         return candidates
 
+    @retry_transient
     async def respond(self, booking_id: str, driver_id: str, answer: str) -> ResponseResult:
         """Seed 000 §2.3 handleDriverResponse: ``answer`` is ``"ACCEPT"`` or ``"REJECT"``.
 
@@ -511,6 +516,7 @@ class MatchingService:
                 if offer.response is not None:
                     return await self._settled_result(session, offer, answer, status)
                 if now >= offer.expires_at:
+                    await self._booking_or_404(session, booking_id, lock=True)  # lock order: booking first
                     await self._expire_offers(session, [offer.id])
                     await self._record_answer(session, offer, answer)
                     return ResponseResult(False, Action.OFFER_EXPIRED, booking_id, driver_id)
@@ -631,6 +637,7 @@ class MatchingService:
                     Booking.id == booking_id,
                     Booking.status == BookingStatus.SEARCHING.value,
                     Booking.version == version,
+                    Booking.search_deadline_at > now,
                 )
                 .values(
                     status=BookingStatus.ASSIGNED.value,
@@ -645,7 +652,8 @@ class MatchingService:
             raise _Abort(Action.DRIVER_BUSY) from None
         if won.rowcount != 1:
             status = await session.scalar(select(Booking.status).where(Booking.id == booking_id))
-            action = _action_for(status)
+            # still SEARCHING: its 5 minutes ran out and the sweeper has not closed it yet
+            action = Action.OFFER_EXPIRED if status == BookingStatus.SEARCHING else _action_for(status)
             await self._record_answer(session, offer, "ACCEPT")
             if action is Action.ALREADY_TAKEN:
                 log.warning(
@@ -677,21 +685,14 @@ class MatchingService:
         now = _now(session)
         booking = await self._booking_or_404(session, booking_id)
         await session.refresh(booking)
-        others = (
-            await session.execute(
-                select(BookingOffer.id, BookingOffer.driver_id, BookingOffer.response, Driver.phone)
-                .join(Driver, Driver.id == BookingOffer.driver_id)
-                .where(BookingOffer.booking_id == booking_id, BookingOffer.id != offer_id)
+        taken = await self._close_offers(session, booking_id, OfferResponse.TAKEN, except_offer=offer_id)
+        timed_out = await session.scalars(
+            select(BookingOffer.driver_id).where(
+                BookingOffer.booking_id == booking_id, BookingOffer.response == OfferResponse.TIMEOUT.value
             )
-        ).all()
-        open_ids = [row.id for row in others if row.response is None]
-        if open_ids:
-            await session.execute(
-                update(BookingOffer)
-                .where(BookingOffer.id.in_(open_ids), BookingOffer.response.is_(None))
-                .values(response=OfferResponse.TAKEN.value)
-            )
-            metrics.OFFER_OUTCOMES.labels(OfferResponse.TAKEN.value).inc(len(open_ids))
+        )
+        # Drivers who still see the offer (open or timed out) learn it is gone; those who refused do not.
+        told = sorted({*taken, *timed_out.all()})
         metrics.OFFER_OUTCOMES.labels(OfferResponse.ACCEPTED.value).inc()
         started = booking.search_started_at or now
         time_to_match = (now - started).total_seconds()
@@ -706,9 +707,6 @@ class MatchingService:
             )
         )
         driver = await self._driver_or_404(session, driver_id)
-        await session.refresh(driver)
-        # Drivers who still see the offer (open or timed out) learn it is gone; those who refused do not.
-        told = [row for row in others if row.response in (None, OfferResponse.TIMEOUT.value)]
         await outbox.enqueue(
             session,
             [
@@ -720,12 +718,12 @@ class MatchingService:
                 ),
                 *(
                     Message(
-                        recipient=row.phone,
+                        recipient=phone,
                         category=Category.OFFER_TAKEN,
                         body=messages.booking_taken(booking),
                         subject=_booking_topic(booking_id),
                     )
-                    for row in told
+                    for phone in (await self._phones(session, told) if told else [])
                 ),
             ],
         )
@@ -737,9 +735,8 @@ class MatchingService:
         }
         events.append(session, _booking_topic(booking_id), "BookingAssigned", assigned)
         events.append(session, _driver_topic(driver_id), "BookingAssigned", assigned)
-        for row in others:
-            if row.id in open_ids:
-                events.append(session, _driver_topic(row.driver_id), "OfferTaken", {"booking_id": booking_id})
+        for other in taken:
+            events.append(session, _driver_topic(other), "OfferTaken", {"booking_id": booking_id})
         metrics.TIME_TO_MATCH.observe(time_to_match)
         metrics.BOOKINGS_FINISHED.labels(FinalStatus.MATCHED.value).inc()
         log.info(
@@ -755,21 +752,21 @@ class MatchingService:
         return int(count or 0)
 
     async def _expire_offers(self, session: AsyncSession, offer_ids: Sequence[str]) -> int:
-        """Seed 000 §4 handleDriverTimeout for these offers: open → TIMEOUT, metrics and events."""
+        """Seed 000 §4 handleDriverTimeout for these offers: open → TIMEOUT, metrics and events, for the
+        rows this statement actually closed (RETURNING), never for one closed meanwhile by someone else."""
+        if not offer_ids:
+            return 0
         rows = (
             await session.execute(
-                select(BookingOffer.id, BookingOffer.booking_id, BookingOffer.driver_id).where(
-                    BookingOffer.id.in_(offer_ids), BookingOffer.response.is_(None)
-                )
+                update(BookingOffer)
+                .where(BookingOffer.id.in_(offer_ids), BookingOffer.response.is_(None))
+                .values(response=OfferResponse.TIMEOUT.value)
+                .returning(BookingOffer.id, BookingOffer.booking_id, BookingOffer.driver_id)
+                .execution_options(synchronize_session=False)
             )
         ).all()
         if not rows:
             return 0
-        await session.execute(
-            update(BookingOffer)
-            .where(BookingOffer.id.in_([row.id for row in rows]), BookingOffer.response.is_(None))
-            .values(response=OfferResponse.TIMEOUT.value)
-        )
         per_booking: dict[str, int] = {}
         for row in rows:
             per_booking[row.booking_id] = per_booking.get(row.booking_id, 0) + 1
@@ -786,6 +783,7 @@ class MatchingService:
         log.warning("driver timeout", offers=len(rows), bookings=len(per_booking))
         return len(rows)
 
+    @retry_transient
     async def cancel(self, booking_id: str, reason: str) -> Booking:
         """Seed 000 §2.1 cancelMatching: cancel a PENDING, SEARCHING or ASSIGNED booking.
 
@@ -849,6 +847,7 @@ class MatchingService:
         log.info("booking cancelled", booking_id=booking_id, previous_status=previous.value, reason=reason)
         return booking
 
+    @retry_transient
     async def complete(self, booking_id: str, lat: float | None = None, lon: float | None = None) -> Booking:
         """End an ASSIGNED trip: booking COMPLETED, its driver AVAILABLE again (at ``lat``/``lon`` if given).
 
@@ -891,34 +890,51 @@ class MatchingService:
         self, session: AsyncSession, booking: Booking, *, tell_drivers: bool
     ) -> list[Message]:
         """Open offers → CANCELLED; return the messages telling their drivers (when asked)."""
-        rows = (
-            await session.execute(
-                select(BookingOffer.id, BookingOffer.driver_id, Driver.phone)
-                .join(Driver, Driver.id == BookingOffer.driver_id)
-                .where(BookingOffer.booking_id == booking.id, BookingOffer.response.is_(None))
-            )
-        ).all()
-        if not rows:
-            return []
-        await session.execute(
-            update(BookingOffer)
-            .where(BookingOffer.id.in_([row.id for row in rows]), BookingOffer.response.is_(None))
-            .values(response=OfferResponse.CANCELLED.value)
-        )
-        metrics.OFFER_OUTCOMES.labels(OfferResponse.CANCELLED.value).inc(len(rows))
-        for row in rows:
-            events.append(session, _driver_topic(row.driver_id), "OfferCancelled", {"booking_id": booking.id})
-        if not tell_drivers:
+        closed = await self._close_offers(session, booking.id, OfferResponse.CANCELLED)
+        for driver_id in closed:
+            events.append(session, _driver_topic(driver_id), "OfferCancelled", {"booking_id": booking.id})
+        if not tell_drivers or not closed:
             return []
         return [
             Message(
-                recipient=row.phone,
+                recipient=phone,
                 category=Category.OFFER_CANCELLED,
                 body=messages.booking_cancelled_driver(booking),
                 subject=_booking_topic(booking.id),
             )
-            for row in rows
+            for phone in await self._phones(session, closed)
         ]
+
+    async def _close_offers(
+        self,
+        session: AsyncSession,
+        booking_id: str,
+        response: OfferResponse,
+        *,
+        except_offer: str | None = None,
+    ) -> list[str]:
+        """Close the booking's open offers with ``response``; return the drivers whose offer this statement
+        closed (RETURNING: an offer closed meanwhile by the sweeper or a tap is not counted twice)."""
+        query = update(BookingOffer).where(
+            BookingOffer.booking_id == booking_id, BookingOffer.response.is_(None)
+        )
+        if except_offer:
+            query = query.where(BookingOffer.id != except_offer)
+        rows = await session.execute(
+            query.values(response=response.value)
+            .returning(BookingOffer.driver_id)
+            .execution_options(synchronize_session=False)
+        )
+        closed = sorted(rows.scalars().all())
+        if closed:
+            metrics.OFFER_OUTCOMES.labels(response.value).inc(len(closed))
+        return closed
+
+    async def _phones(self, session: AsyncSession, driver_ids: list[str]) -> list[str]:
+        rows = await session.scalars(
+            select(Driver.phone).where(Driver.id.in_(driver_ids)).order_by(Driver.id)
+        )
+        return list(rows.all())
 
     async def _finish_metrics(self, session: AsyncSession, booking_id: str, final: FinalStatus) -> None:
         await session.execute(
@@ -930,6 +946,7 @@ class MatchingService:
 
     # -------------------------------------------------------------- deadlines
 
+    @retry_transient
     async def expire_due_offers(self, db: Database, limit: int) -> int:
         """Sweeper handler (30 s): open offers whose ``expires_at`` passed become TIMEOUT."""
         async with db.transaction() as session:
@@ -938,10 +955,11 @@ class MatchingService:
                 .where(BookingOffer.response.is_(None), BookingOffer.expires_at <= _now(session))
                 .order_by(BookingOffer.expires_at)
                 .limit(limit)
-                .with_for_update(skip_locked=True)
+                .with_for_update(skip_locked=True, key_share=True)
             )
             return await self._expire_offers(session, list(due.all()))
 
+    @retry_transient
     async def expire_due_searches(self, db: Database, limit: int) -> int:
         """Sweeper handler (5 min), seed 000 §4 handleBookingTimeout.
 
@@ -959,7 +977,7 @@ class MatchingService:
                         )
                         .order_by(Booking.search_deadline_at)
                         .limit(limit)
-                        .with_for_update(skip_locked=True)
+                        .with_for_update(skip_locked=True, key_share=True)
                     )
                 ).all()
             )
@@ -1001,6 +1019,7 @@ class MatchingService:
                 log.warning("search timeout", booking_id=booking.id, customer_phone=booking.customer_phone)
             return len(due)
 
+    @retry_transient
     async def run_due_waves(self, db: Database, limit: int) -> int:
         """Sweeper handler: escalate searches whose offers are all resolved.
 
@@ -1020,7 +1039,7 @@ class MatchingService:
                         )
                         .order_by(Booking.next_wave_at)
                         .limit(min(limit, 50))
-                        .with_for_update(skip_locked=True)
+                        .with_for_update(skip_locked=True, key_share=True)
                     )
                 ).all()
             )
@@ -1066,7 +1085,7 @@ class MatchingService:
     async def _booking_or_404(self, session: AsyncSession, booking_id: str, *, lock: bool = False) -> Booking:
         query = select(Booking).where(Booking.id == booking_id).execution_options(populate_existing=True)
         if lock:
-            query = query.with_for_update()
+            query = lock_for_update(query)
         booking = await session.scalar(query)
         if booking is None:
             raise NotFound(f"booking {booking_id} not found", code="BOOKING_NOT_FOUND")
@@ -1075,7 +1094,7 @@ class MatchingService:
     async def _driver_or_404(self, session: AsyncSession, driver_id: str, *, lock: bool = False) -> Driver:
         query = select(Driver).where(Driver.id == driver_id).execution_options(populate_existing=True)
         if lock:
-            query = query.with_for_update()
+            query = lock_for_update(query)
         driver = await session.scalar(query)
         if driver is None:
             raise NotFound(f"driver {driver_id} not found", code="DRIVER_NOT_FOUND")

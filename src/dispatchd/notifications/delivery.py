@@ -40,7 +40,7 @@ class _Claimed:
 
 
 class DeliveryWorker:
-    """Sends the outbox through one channel, ``batch_size`` rows per claim, ``concurrency`` at once."""
+    """Sends the outbox through one channel, at most ``concurrency`` rows per claim, all at once."""
 
     def __init__(
         self,
@@ -49,11 +49,13 @@ class DeliveryWorker:
         *,
         batch_size: int = 200,
         lease_s: float = 60.0,
-        concurrency: int = 16,
+        concurrency: int = 32,
     ) -> None:
         self.db = db
         self.channel = channel
-        self.batch_size = batch_size
+        # Every claimed row is sent at once: a claim never outgrows what is in flight, so no row waits
+        # for a send slot while its lease runs out (the lease must exceed the channel's HTTP timeout).
+        self.batch_size = min(batch_size, concurrency)
         self.lease_s = lease_s
         self.concurrency = concurrency
         self.wake = asyncio.Event()

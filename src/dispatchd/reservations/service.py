@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import events, idempotency
-from dispatchd.core.db import Database
+from dispatchd.core.db import Database, lock_for_update, retry_transient
 from dispatchd.core.errors import Conflict, InvalidInput, InvalidState, NotFound
 from dispatchd.core.ids import new_id
 from dispatchd.core.logging import get_logger
@@ -149,6 +149,7 @@ class ReservationService:
 
     # -------------------------------------------------------------- resources
 
+    @retry_transient
     async def create_resource(self, data: dict[str, Any], actor: str) -> Resource:
         """Create an OPEN resource (``data``: type, name, capacity ≥ 0, metadata). Audited."""
         async with self.db.transaction() as session:
@@ -196,6 +197,7 @@ class ReservationService:
         async with self.db.read() as session:
             return await self._resource_or_404(session, resource_id)
 
+    @retry_transient
     async def set_capacity(self, resource_id: str, capacity: int, actor: str) -> Resource:
         """Resize. Below what is reserved or held → :class:`InvalidState`; a larger capacity is offered to
         the waiting list first. Audited."""
@@ -220,6 +222,7 @@ class ReservationService:
         """Sell again; free places go to the waiting list first. Audited."""
         return await self._set_state(resource_id, ResourceState.OPEN, actor)
 
+    @retry_transient
     async def _set_state(self, resource_id: str, state: ResourceState, actor: str) -> Resource:
         async with self.db.transaction() as session:
             resource = await self._resource_or_404(session, resource_id, lock=True)
@@ -267,6 +270,7 @@ class ReservationService:
                 stored = await idempotency.recall(session, idem.scope, idem.fingerprint)
             return await self._replay(stored.outcome)
 
+    @retry_transient
     async def _reserve(
         self, resource_id: str, client_id: str, quantity: int, idem: Idempotency | None
     ) -> CommitOutcome:
@@ -385,6 +389,7 @@ class ReservationService:
             raise NotFound(f"reservation {reservation_id} not found", code="RESERVATION_NOT_FOUND")
         return reservation
 
+    @retry_transient
     async def cancel(self, reservation_id: str) -> Reservation:
         """Cancel a CONFIRMED reservation; its places go to the waiting list first. Raises
         :class:`NotFound`, :class:`InvalidState` (already cancelled)."""
@@ -426,6 +431,7 @@ class ReservationService:
 
     # ----------------------------------------------------------- waiting list
 
+    @retry_transient
     async def join_waiting_list(
         self, resource_id: str, client_id: str, quantity: int, contact: str | None
     ) -> WaitingListEntry:
@@ -481,6 +487,7 @@ class ReservationService:
             raise NotFound(f"waiting list entry {entry_id} not found", code="ENTRY_NOT_FOUND")
         return entry
 
+    @retry_transient
     async def leave_waiting_list(self, entry_id: str) -> WaitingListEntry:
         """Leave the list; a held place goes to the next entry. Raises :class:`InvalidState` once final."""
         async with self.db.transaction() as session:
@@ -498,6 +505,7 @@ class ReservationService:
             await self._offer_freed_places(session, resource)
         return entry
 
+    @retry_transient
     async def confirm_waiting_list(self, entry_id: str) -> Reservation:
         """Turn a held place into a reservation before ``hold_expires_at``. Raises :class:`InvalidState`
         (not OFFERED, or the hold lapsed), ResourceClosed."""
@@ -607,6 +615,7 @@ class ReservationService:
             _touch(session, resource.id)
         return offered
 
+    @retry_transient
     async def expire_due_holds(self, db: Database, limit: int) -> int:
         """Sweeper handler: OFFERED entries past ``hold_expires_at`` → EXPIRED; the place goes to the next.
 
@@ -631,7 +640,7 @@ class ReservationService:
                     select(Resource)
                     .where(Resource.id.in_(sorted(resource_ids)))
                     .order_by(Resource.id)
-                    .with_for_update(skip_locked=True)
+                    .with_for_update(skip_locked=True, key_share=True)
                     .execution_options(populate_existing=True)
                 )
             ).all()
@@ -725,7 +734,7 @@ class ReservationService:
     ) -> Resource:
         query = select(Resource).where(Resource.id == resource_id).execution_options(populate_existing=True)
         if lock:
-            query = query.with_for_update()
+            query = lock_for_update(query)
         resource = await session.scalar(query)
         if resource is None:
             raise NotFound(f"resource {resource_id} not found", code="RESOURCE_NOT_FOUND")
