@@ -184,3 +184,33 @@ async def test_request_id_is_echoed(client):
     assert response.headers["X-Request-ID"] == "abc-123"
     problem = await client.get("/v1/bookings/bkg_missing", headers={"X-Request-ID": "req-9"})
     assert problem.json()["request_id"] == "req-9"
+
+
+async def test_out_of_range_and_control_inputs_are_4xx_not_500(client, searching):
+    booking_id, [(driver_id, _), _] = searching
+    before = await _state(client)
+    _assert_problem(await client.get("/v1/events", params={"after": 2**63}), 422, "VALIDATION_ERROR")
+    _assert_problem(await client.get("/v1/notifications", params={"offset": 2**63}), 422, "VALIDATION_ERROR")
+    naive = await client.get("/v1/notifications", params={"from": "2026-01-01T00:00:00"})
+    _assert_problem(naive, 422, "VALIDATION_ERROR")
+    _assert_problem(
+        await client.get("/v1/matching/stats", params={"to": "0001-01-01T00:00:00Z"}), 422, "VALIDATION_ERROR"
+    )
+    ancient = booking_data(pickup_at="0001-01-01T00:00:00+05:00")
+    _assert_problem(await client.post("/v1/bookings", json=ancient), 422, "VALIDATION_ERROR")
+    _assert_problem(
+        await client.post("/v1/drivers", json=driver_data(name="Mo\x00ussa")), 422, "VALIDATION_ERROR"
+    )
+    _assert_problem(
+        await client.post(f"/v1/bookings/{booking_id}/cancel", json={"reason": "a\x00b"}),
+        422,
+        "VALIDATION_ERROR",
+    )
+    _assert_problem(await client.get("/v1/bookings/bkg%00x"), 400, "MALFORMED_REQUEST")
+    _assert_problem(
+        await client.patch(f"/v1/drivers/{driver_id}", json={"name": None}), 422, "VALIDATION_ERROR"
+    )
+    _assert_problem(
+        await client.patch(f"/v1/drivers/{driver_id}", json={"status": None}), 422, "VALIDATION_ERROR"
+    )
+    assert await _state(client) == before

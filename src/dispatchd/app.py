@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -118,6 +119,9 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            await _refuse_nul(scope, send)
+            return
         headers = dict(scope.get("headers") or ())
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:200] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
@@ -148,6 +152,27 @@ class RequestContext:
                 status=status,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
             )
+
+
+async def _refuse_nul(scope, send) -> None:
+    """A NUL character in the path or query: refused before routing (no database can store one)."""
+    body = json.dumps(
+        problem(
+            status=400,
+            code="MALFORMED_REQUEST",
+            title="Malformed request",
+            detail="the URL contains a NUL character",
+            instance=scope["path"].replace("\x00", ""),
+        )
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [(b"content-type", PROBLEM_JSON.encode()), *SECURITY_HEADERS],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _problem_response(

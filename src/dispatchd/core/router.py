@@ -11,6 +11,7 @@ from dispatchd.core import auth, events
 from dispatchd.core.auth import Principal, Role
 from dispatchd.core.db import Database
 from dispatchd.core.errors import Forbidden
+from dispatchd.core.schemas import StrictModel
 from dispatchd.deps import database, principal
 
 router = APIRouter(prefix="/v1")
@@ -33,7 +34,7 @@ class EventPage(BaseModel):
 
 @router.get("/events", response_model=EventPage, tags=["events"], summary="Page through the event log")
 async def list_events(
-    after: int = Query(0, ge=0, description="Return events with id > after"),
+    after: int = Query(0, ge=0, le=2**53, description="Return events with id > after"),
     topic: list[str] | None = Query(None, description="Only these topics (repeatable)"),
     limit: int = Query(100, ge=1, le=1000),
     who: Principal = Depends(principal),
@@ -53,7 +54,7 @@ async def list_events(
     )
 
 
-class ApiKeyIn(BaseModel):
+class ApiKeyIn(StrictModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"role": "driver", "driver_id": "drv_…", "name": "Moussa's phone"}]},

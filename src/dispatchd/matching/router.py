@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from dispatchd.core.auth import Principal
 from dispatchd.core.errors import Forbidden, InvalidInput
+from dispatchd.core.schemas import UtcDateTime
 from dispatchd.deps import principal
 from dispatchd.matching import stats
 from dispatchd.matching.models import DriverStatus
@@ -71,6 +73,9 @@ async def update_driver(
 ):
     who.require_driver(driver_id)
     changes = body.model_dump(exclude_unset=True)
+    nulls = sorted(k for k, v in changes.items() if v is None and k not in ("lat", "lon"))
+    if nulls:
+        raise InvalidInput(f"{', '.join(nulls)} cannot be null")
     if not who.is_staff and set(changes) - {"status", "lat", "lon"}:
         raise Forbidden("a driver key may change only status, lat and lon")
     if (changes.get("lat") is None) != (changes.get("lon") is None):
@@ -197,20 +202,14 @@ async def list_offers(
 @router.get("/matching/stats", summary="Matching statistics over [from, to)")
 async def matching_stats(
     request: Request,
-    start: datetime | None = Query(None, alias="from", description="UTC, default: 24 h before `to`"),
-    end: datetime | None = Query(None, alias="to", description="UTC, default: now"),
+    start: Annotated[UtcDateTime | None, Query(alias="from", description="default: 24 h before `to`")] = None,
+    end: Annotated[UtcDateTime | None, Query(alias="to", description="default: now")] = None,
     who: Principal = Depends(principal),
 ):
     who.require_staff()
     db = request.app.state.db
-    end = _aware(end) or db.clock.now()
-    start = _aware(start) or end - timedelta(hours=24)
+    end = end or db.clock.now()
+    start = start or end - timedelta(hours=24)
     if start >= end:
         raise InvalidInput("'from' must be before 'to'")
     return await stats.matching_stats(db, start, end)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -8,14 +8,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dispatchd.core.phone import is_e164
+from dispatchd.core.schemas import StrictModel, UtcDateTime
 from dispatchd.matching.models import BookingStatus, DriverStatus, PriorityMode
 
 Latitude = Annotated[float, Field(ge=-90, le=90, description="WGS84 degrees")]
 Longitude = Annotated[float, Field(ge=-180, le=180, description="WGS84 degrees")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+class _Strict(StrictModel):
+    pass
 
 
 def _check_phone(value: str) -> str:
@@ -38,6 +39,7 @@ class DriverCreate(_Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        str_strip_whitespace=True,
         json_schema_extra={
             "examples": [
                 {
@@ -69,7 +71,9 @@ class DriverUpdate(_Strict):
     def _phone(cls, value: str | None) -> str | None:
         return None if value is None else _check_phone(value)
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"status": "OFFLINE"}]})
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [{"status": "OFFLINE"}]}
+    )
 
 
 class Heartbeat(_Strict):
@@ -103,19 +107,13 @@ class BookingCreate(_Strict):
     drop_address: str = Field(min_length=1, max_length=500)
     drop_lat: Latitude | None = None
     drop_lon: Longitude | None = None
-    pickup_at: datetime | None = Field(default=None, description="ISO 8601 with an offset; stored UTC")
+    pickup_at: UtcDateTime | None = Field(default=None, description="ISO 8601 with an offset; stored UTC")
 
     _phone = field_validator("customer_phone")(_check_phone)
 
-    @field_validator("pickup_at")
-    @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("must carry a UTC offset, e.g. 2026-01-05T18:30:00Z")
-        return value
-
     model_config = ConfigDict(
         extra="forbid",
+        str_strip_whitespace=True,
         json_schema_extra={
             "examples": [
                 {
@@ -163,11 +161,14 @@ class MatchingRequest(_Strict):
     """Seed 000 §2.2 MatchingOptions."""
 
     max_distance_km: float | None = Field(default=None, gt=0, le=20_000, description="km; unset = unlimited")
-    exclude_driver_ids: list[str] = Field(default_factory=list, max_length=10_000)
+    exclude_driver_ids: list[Annotated[str, Field(max_length=40)]] = Field(
+        default_factory=list, max_length=10_000
+    )
     priority_mode: PriorityMode = PriorityMode.RECENT_ACTIVITY
 
     model_config = ConfigDict(
         extra="forbid",
+        str_strip_whitespace=True,
         json_schema_extra={"examples": [{}, {"max_distance_km": 5, "priority_mode": "DISTANCE"}]},
     )
 

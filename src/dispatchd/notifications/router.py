@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict
 
 from dispatchd.core.auth import Principal
 from dispatchd.core.db import Database
+from dispatchd.core.schemas import UtcDateTime
 from dispatchd.deps import database, principal
 from dispatchd.notifications import outbox
 from dispatchd.notifications.models import NotificationStatus
@@ -47,10 +49,10 @@ async def list_notifications(
     category: str | None = None,
     recipient: str | None = None,
     booking_id: str | None = Query(None, description="Messages about this booking"),
-    created_from: datetime | None = Query(None, alias="from"),
-    created_to: datetime | None = Query(None, alias="to"),
+    created_from: Annotated[UtcDateTime | None, Query(alias="from")] = None,
+    created_to: Annotated[UtcDateTime | None, Query(alias="to")] = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=2**31),
     who: Principal = Depends(principal),
     db: Database = Depends(database),
 ):

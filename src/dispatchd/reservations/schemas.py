@@ -7,12 +7,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dispatchd.core.schemas import StrictModel
 from dispatchd.reservations.models import EntryStatus, ReservationStatus, ResourceState
 
 ResourceIdField = Field(default=None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.:\-]+$")
 
 
-class ResourceCreate(BaseModel):
+class ResourceCreate(StrictModel):
     model_config = ConfigDict(
         extra="forbid",
         str_strip_whitespace=True,
@@ -37,7 +38,7 @@ class ResourceCreate(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
-class ResourceUpdate(BaseModel):
+class ResourceUpdate(StrictModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"capacity": 50}]})
 
     capacity: int = Field(ge=0, le=1_000_000)
@@ -71,7 +72,7 @@ class Availability(BaseModel):
     as_of: datetime = Field(description="When this view was read from the database (UTC)")
 
 
-class ReservationCreate(BaseModel):
+class ReservationCreate(StrictModel):
     model_config = ConfigDict(
         extra="forbid",
         str_strip_whitespace=True,
@@ -98,7 +99,7 @@ class ReservationOut(BaseModel):
     cancelled_at: datetime | None
 
 
-class WaitingListJoin(BaseModel):
+class WaitingListJoin(StrictModel):
     model_config = ConfigDict(
         extra="forbid",
         str_strip_whitespace=True,
