@@ -136,3 +136,21 @@ async def test_notifications_api_filters_by_booking_and_category(client, service
     offers = (await client.get("/v1/notifications", params={"category": "driver_offer"})).json()
     assert offers["total"] == 1 and offers["notifications"][0]["status"] == "PENDING"
     assert offers["notifications"][0]["payload"]["buttons"][0]["title"] == "ACCEPTER"
+
+
+async def test_a_claim_never_holds_more_rows_than_it_sends_at_once(services, clock):
+    """Rows waiting for a send slot while their lease ran out were sent twice by a second worker."""
+    channel = FlakyChannel()
+    worker = DeliveryWorker(services.db, channel, batch_size=200, concurrency=4, lease_s=60)
+    other = DeliveryWorker(services.db, FlakyChannel(), batch_size=200, concurrency=4, lease_s=60)
+    async with services.db.transaction() as session:
+        await outbox.enqueue(
+            session, [Message(recipient=f"+2217000000{n:02d}", category="x", body="hi") for n in range(10)]
+        )
+    first = await worker._claim()
+    second = await other._claim()
+    assert len(first) == len(second) == 4
+    assert not {c.message.id for c in first} & {c.message.id for c in second}
+    while await worker.run_once():
+        pass
+    assert len(channel.calls) == 10 - len(first) - len(second)  # both claims stay leased, unsent
