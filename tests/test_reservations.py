@@ -291,3 +291,20 @@ async def test_service_refusal_outcome_raises_the_right_error(services):
     assert outcome.reservation is None and outcome.refusal == "RESOURCE_FULL"
     with pytest.raises(ResourceFull):
         raise ResourceFull(outcome.detail)
+
+
+async def test_a_client_joining_behind_an_offer_is_offered_the_free_place(client, clock):
+    """Found by the hypothesis state machine: capacity 0, A joins, resize to 2 (A offered), B joins —
+    B was left WAITING with a place free, and a direct buyer could take it."""
+    resource_id = await _resource(client, 0)
+    first = (
+        await client.post("/v1/waiting-list/join", json={"resource_id": resource_id, "client_id": "A"})
+    ).json()
+    await client.patch(f"/v1/resources/{resource_id}", json={"capacity": 2})
+    clock.advance(0.001)
+    second = (
+        await client.post("/v1/waiting-list/join", json={"resource_id": resource_id, "client_id": "B"})
+    ).json()
+    assert (await client.get(f"/v1/waiting-list/{first['id']}")).json()["status"] == "OFFERED"
+    assert second["status"] == "OFFERED"
+    assert (await _reserve(client, resource_id, client="newcomer")).json()["code"] == "RESOURCE_FULL"

@@ -7,10 +7,9 @@ the invariants are read from the database after every batch. Each hypothesis exa
 database (a copy of the migrated SQLite template, or the session's PostgreSQL database emptied) and its
 own event loop, so the async fixtures are not used inside ``@given``.
 
-Not checked: "free places always go to the head of the waiting list first". It does not hold by design:
-``join_waiting_list`` queues a newcomer as WAITING without offering it when only OFFERED entries are
-ahead, even with free places (capacity 0, join 1, resize to 2, join 1: the second entry waits while one
-place is free, and a plain reserve takes it).
+Also: free places go to the waiting list first. On an OPEN resource, no WAITING head entry is left
+unoffered while its quantity fits the free places (this test found a client joining behind an OFFERED
+entry left waiting while a direct buyer could take the free place; fixed in ``join_waiting_list``).
 """
 
 from __future__ import annotations
@@ -172,6 +171,17 @@ async def _check_invariants(services: Services, resource_ids: list[str], after: 
                 )
             ).all()
         )
+        heads = {}
+        for resource_id in resources:
+            heads[resource_id] = await session.scalar(
+                select(WaitingListEntry.quantity)
+                .where(
+                    WaitingListEntry.resource_id == resource_id,
+                    WaitingListEntry.status == EntryStatus.WAITING.value,
+                )
+                .order_by(WaitingListEntry.created_at, WaitingListEntry.id)
+                .limit(1)
+            )
     assert sorted(resources) == sorted(resource_ids)
     for resource_id, row in resources.items():
         where = f"resource {resource_ids.index(resource_id)} after {after}"
@@ -184,6 +194,11 @@ async def _check_invariants(services: Services, resource_ids: list[str], after: 
         assert row.held == (offered.get(resource_id) or 0), (
             f"{where}: held != offered places {offered.get(resource_id) or 0}, {state}"
         )
+        head = heads.get(resource_id)
+        if row.state == "OPEN" and head is not None:
+            assert head > row.capacity - row.reserved - row.held, (
+                f"{where}: a waiting head entry of {head} place(s) is left unoffered, {state}"
+            )
 
 
 async def _run_program(url: str, prepare: Callable[[], Awaitable[None]], program: tuple) -> int:

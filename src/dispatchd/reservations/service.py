@@ -478,6 +478,8 @@ class ReservationService:
                     "at": entry.created_at.isoformat(),
                 },
             )
+            # places may be free behind OFFERED entries: the queue, not a direct buyer, gets them
+            await self._offer_freed_places(session, resource)
         return entry
 
     async def get_entry(self, entry_id: str) -> WaitingListEntry:
