@@ -25,6 +25,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_matching
+	$(BIN)/python -m bench.bench_reservations
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -117,14 +117,18 @@ async def bench_http_accepts(backend: str, contenders: int = 200) -> dict:
                 await db.dispose()
                 keys = []
                 for driver_id in driver_ids:
-                    async with http.post("/v1/api-keys", json={"role": "driver", "driver_id": driver_id}) as created:
+                    async with http.post(
+                        "/v1/api-keys", json={"role": "driver", "driver_id": driver_id}
+                    ) as created:
                         keys.append((await created.json())["key"])
                 async with http.post("/v1/bookings", json=booking_fields(0)) as created:
                     booking_id = (await created.json())["id"]
                 async with http.post(f"/v1/bookings/{booking_id}/matching", json={}) as started:
                     assert started.status == 200
 
-                async def warm(key: str) -> None:  # a first authenticated call per driver opens its connection
+                async def warm(
+                    key: str,
+                ) -> None:  # a first authenticated call per driver opens its connection
                     async with http.get("/health", headers={"Authorization": f"Bearer {key}"}) as answer:
                         await answer.read()
 
@@ -159,7 +163,9 @@ async def bench_http_accepts(backend: str, contenders: int = 200) -> dict:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args()
@@ -174,17 +180,25 @@ async def main() -> None:
     print("|---|---|---|---|")
     for backend in backends:
         small = await bench_broadcast(backend, 100, repeats)
-        print(f"| broadcast to 100 drivers | {backend} | median {fmt_ms(small['median'])}, max {fmt_ms(small['max'])} | < 50 ms |")
+        print(
+            f"| broadcast to 100 drivers | {backend} | median {fmt_ms(small['median'])}, "
+            f"max {fmt_ms(small['max'])} | < 50 ms |"
+        )
         large = await bench_broadcast(backend, 10_000, max(2, repeats // 2))
-        print(f"| broadcast to 10,000 drivers | {backend} | median {fmt_ms(large['median'])}, max {fmt_ms(large['max'])} | < 1 s |")
+        print(
+            f"| broadcast to 10,000 drivers | {backend} | median {fmt_ms(large['median'])}, "
+            f"max {fmt_ms(large['max'])} | < 1 s |"
+        )
         starts = await bench_concurrent_starts(backend)
         print(
             f"| 50 concurrent starts, 100 drivers | {backend} | per start p50 {fmt_ms(starts['p50'])}, "
-            f"p95 {fmt_ms(starts['p95'])}, max {fmt_ms(starts['max'])}; all 50 in {fmt_ms(starts['wall'])} | < 300 ms each |"
+            f"p95 {fmt_ms(starts['p95'])}, max {fmt_ms(starts['max'])}; "
+            f"all 50 in {fmt_ms(starts['wall'])} | < 300 ms each |"
         )
         race = await bench_http_accepts(backend)
         print(
-            f"| 200 concurrent accepts via HTTP | {backend} | p50 {fmt_ms(race['p50'])}, p95 {fmt_ms(race['p95'])}, "
+            f"| 200 concurrent accepts via HTTP | {backend} | p50 {fmt_ms(race['p50'])}, "
+            f"p95 {fmt_ms(race['p95'])}, "
             f"p99 {fmt_ms(race['p99'])}, max {fmt_ms(race['max'])}, all in {fmt_ms(race['wall'])}; "
             f"winners {race['winners']}, "
             f"ALREADY_TAKEN {race['already_taken']} | p99 < 100 ms, 1 winner |"

@@ -23,7 +23,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from dispatchd.core.db import Database
 from dispatchd.migrate import upgrade
 
-POSTGRES_URL = os.environ.get("DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
 
 
 def machine() -> str:
@@ -35,7 +37,9 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
         mem_kb = next(
-            int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
         )
         memory = f"{mem_kb / 1024 / 1024:.0f} GiB"
     except (OSError, StopIteration):
