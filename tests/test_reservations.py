@@ -72,7 +72,7 @@ async def test_every_refusal_has_its_code_and_changes_nothing(client):
     assert (await client.post(f"/v1/resources/{resource_id}/close")).json()["state"] == "CLOSED"
     closed = await _reserve(client, resource_id)
     assert closed.json()["code"] == "RESOURCE_CLOSED"
-    assert (await _reserve(client, "res_missing")).json()["code"] == "RESOURCE_NOT_FOUND"
+    assert (await _reserve(client, "res_missing")).json()["code"] == "NOT_FOUND"
     assert (await _reserve(client, resource_id, 0)).json()["code"] == "VALIDATION_ERROR"
     again = await client.post(f"/v1/resources/{resource_id}/close")
     assert (again.status_code, again.json()["code"]) == (409, "INVALID_STATE")

@@ -255,7 +255,7 @@ class ReservationService:
         """Seed 003 §1.4: book ``quantity`` places atomically, or refuse.
 
         Returns a :class:`CommitOutcome`; refusals (RESOURCE_FULL, RESOURCE_CLOSED) are outcomes, recorded
-        as ReservationRejected events. Raises :class:`NotFound` (RESOURCE_NOT_FOUND) and
+        as ReservationRejected events. Raises :class:`NotFound` (NOT_FOUND) and
         :class:`InvalidInput` (quantity out of 1..max, IDEMPOTENCY_KEY_REUSED).
         """
         if not 1 <= quantity <= self.config.max_quantity:
@@ -348,7 +348,7 @@ class ReservationService:
     ) -> CommitOutcome:
         resource = await session.get(Resource, resource_id)
         if resource is None:
-            raise NotFound(f"resource {resource_id} not found", code="RESOURCE_NOT_FOUND")
+            raise NotFound(f"resource {resource_id} not found")
         if resource.state != ResourceState.OPEN:
             code, detail = "RESOURCE_CLOSED", f"resource {resource_id} is closed"
         else:
@@ -386,7 +386,7 @@ class ReservationService:
         async with self.db.read() as session:
             reservation = await session.get(Reservation, reservation_id)
         if reservation is None:
-            raise NotFound(f"reservation {reservation_id} not found", code="RESERVATION_NOT_FOUND")
+            raise NotFound(f"reservation {reservation_id} not found")
         return reservation
 
     @retry_transient
@@ -399,7 +399,7 @@ class ReservationService:
                 select(Reservation.resource_id).where(Reservation.id == reservation_id)
             )
             if found is None:
-                raise NotFound(f"reservation {reservation_id} not found", code="RESERVATION_NOT_FOUND")
+                raise NotFound(f"reservation {reservation_id} not found")
             resource = await self._resource_or_404(session, found, lock=True)
             reservation = await session.get(Reservation, reservation_id, populate_existing=True)
             if reservation.status != ReservationStatus.CONFIRMED:
@@ -486,7 +486,7 @@ class ReservationService:
         async with self.db.read() as session:
             entry = await session.get(WaitingListEntry, entry_id)
         if entry is None:
-            raise NotFound(f"waiting list entry {entry_id} not found", code="ENTRY_NOT_FOUND")
+            raise NotFound(f"waiting list entry {entry_id} not found")
         return entry
 
     @retry_transient
@@ -553,7 +553,7 @@ class ReservationService:
             select(WaitingListEntry.resource_id).where(WaitingListEntry.id == entry_id)
         )
         if resource_id is None:
-            raise NotFound(f"waiting list entry {entry_id} not found", code="ENTRY_NOT_FOUND")
+            raise NotFound(f"waiting list entry {entry_id} not found")
         resource = await self._resource_or_404(session, resource_id, lock=True)
         entry = await session.get(WaitingListEntry, entry_id, populate_existing=True)
         return resource, entry
@@ -739,5 +739,5 @@ class ReservationService:
             query = lock_for_update(query)
         resource = await session.scalar(query)
         if resource is None:
-            raise NotFound(f"resource {resource_id} not found", code="RESOURCE_NOT_FOUND")
+            raise NotFound(f"resource {resource_id} not found")
         return resource
