@@ -6,9 +6,9 @@ Invalid values stop start-up with a message naming the setting (see :func:`load_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var/dispatchd.db")
@@ -59,7 +59,32 @@ class Settings(BaseSettings):
     sweeper_lag_warning_s: float = Field(default=5.0, gt=0)
     sweeper_lag_critical_s: float = Field(default=30.0, gt=0)
 
-    notification_channel: str = Field(default="log", description="Outbound channel: log")
+    notification_channel: str = Field(
+        default="log", description="Outbound channel for phones: log | whatsapp_cloud | wachap"
+    )
+    whatsapp_api_base_url: str = Field(
+        default="https://graph.facebook.com/v21.0", description="Meta Graph API base, version pinned"
+    )
+    whatsapp_access_token: SecretStr | None = None
+    whatsapp_phone_number_id: str | None = None
+    whatsapp_app_secret: SecretStr | None = Field(default=None, description="Checks X-Hub-Signature-256")
+    whatsapp_verify_token: SecretStr | None = Field(
+        default=None, description="Webhook verification handshake"
+    )
+    whatsapp_templates: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='JSON: category -> {"name", "language"}; used when the 24 h window is closed (131047)',
+    )
+    wachap_api_url: str | None = None
+    wachap_access_token: SecretStr | None = None
+    wachap_instance_id: str | None = None
+    smtp_url: SecretStr | None = Field(
+        default=None, description="smtp[s]://user:password@host:port for alerts"
+    )
+    smtp_sender: str = "dispatchd@localhost"
+    admin_emails: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated addresses receiving admin alerts by email"
+    )
     delivery_batch_size: int = Field(default=200, ge=1, le=10_000)
     delivery_lease_s: float = Field(
         default=60.0, gt=0, description="A claimed notification returns after this"
@@ -113,9 +138,29 @@ class Settings(BaseSettings):
     @field_validator("notification_channel")
     @classmethod
     def _channel(cls, value: str) -> str:
-        if value not in {"log"}:
-            raise ValueError("must be one of: log")
+        if value not in {"log", "whatsapp_cloud", "wachap"}:
+            raise ValueError("must be one of: log, whatsapp_cloud, wachap")
         return value
+
+    @field_validator("admin_emails", mode="before")
+    @classmethod
+    def _split_emails(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _channel_credentials(self) -> Settings:
+        needed = {
+            "whatsapp_cloud": ("whatsapp_access_token", "whatsapp_phone_number_id"),
+            "wachap": ("wachap_api_url", "wachap_access_token", "wachap_instance_id"),
+        }.get(self.notification_channel, ())
+        missing = [f"DISPATCHD_{name.upper()}" for name in needed if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"channel {self.notification_channel} needs {', '.join(missing)}")
+        if self.admin_emails and not self.smtp_url:
+            raise ValueError("DISPATCHD_ADMIN_EMAILS needs DISPATCHD_SMTP_URL")
+        return self
 
     @field_validator("rate_limit")
     @classmethod
@@ -148,6 +193,9 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = "DISPATCHD_" + "_".join(str(part) for part in error["loc"]).upper()
-            lines.append(f"{name}: {error['msg']}")
+            if error["loc"]:
+                name = "_".join(str(part) for part in error["loc"]).upper()
+                lines.append(f"DISPATCHD_{name}: {error['msg']}")
+            else:  # a rule across settings: its message names them
+                lines.append(error["msg"].removeprefix("Value error, "))
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

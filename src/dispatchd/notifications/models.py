@@ -17,6 +17,8 @@ class NotificationStatus(StrEnum):
     PENDING = "PENDING"
     SENDING = "SENDING"
     SENT = "SENT"
+    DELIVERED = "DELIVERED"  # provider status webhooks
+    READ = "READ"
     FAILED = "FAILED"  # temporary failure, next attempt scheduled
     FAILED_PERMANENT = "FAILED_PERMANENT"
     CANCELLED = "CANCELLED"
@@ -44,30 +46,47 @@ class Notification(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     provider_message_id: Mapped[str | None] = mapped_column(String(200))
     last_error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(40))
+    error_kind: Mapped[str | None] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: provider timestamp of the last status update applied (webhooks arrive out of order)
+    status_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
         Index("ix_notifications_status_next_attempt_at", "status", "next_attempt_at"),
         Index("ix_notifications_subject", "subject"),
         Index("ix_notifications_recipient", "recipient"),
+        Index("ix_notifications_provider_message_id", "provider_message_id"),
+        Index("ix_notifications_created_at", "created_at"),
     )
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "category": self.category,
-            "recipient": self.recipient,
-            "body": self.body,
-            "payload": self.payload,
-            "subject": self.subject,
-            "status": self.status,
-            "channel": self.channel,
-            "attempts": self.attempts,
-            "next_attempt_at": self.next_attempt_at,
-            "expires_at": self.expires_at,
-            "provider_message_id": self.provider_message_id,
-            "last_error": self.last_error,
-            "created_at": self.created_at,
-            "sent_at": self.sent_at,
-        }
+
+class InboundMessage(Base):
+    """A message or button reply received by webhook, stored once per provider id (Meta re-delivers)."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider_message_id: Mapped[str] = mapped_column(String(200), unique=True)
+    from_phone: Mapped[str] = mapped_column(String(40))
+    type: Mapped[str] = mapped_column(String(30))
+    text: Mapped[str | None] = mapped_column(Text)
+    button_id: Mapped[str | None] = mapped_column(String(200))
+    context_message_id: Mapped[str | None] = mapped_column(String(200))
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    outcome: Mapped[str | None] = mapped_column(String(200))
+    raw: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class AlertState(Base):
+    """When each alert rule last fired: its cooldown survives restarts and is shared by instances."""
+
+    __tablename__ = "alert_state"
+
+    rule: Mapped[str] = mapped_column(String(60), primary_key=True)
+    last_fired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    detail: Mapped[str | None] = mapped_column(Text)
