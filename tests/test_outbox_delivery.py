@@ -62,7 +62,7 @@ async def test_a_message_of_a_rolled_back_change_is_never_written(services):
     assert await _rows(services) == []
 
 
-async def test_temporary_failure_is_retried_with_backoff(services, clock):
+async def test_temporary_failure_is_retried_after_30_minutes_with_jitter(services, clock):
     channel = FlakyChannel(failures=1)
     worker = DeliveryWorker(services.db, channel)
     async with services.db.transaction() as session:
@@ -71,9 +71,10 @@ async def test_temporary_failure_is_retried_with_backoff(services, clock):
     await worker.run_once()
     [row] = await _rows(services)
     assert (row.status, row.attempts, row.last_error) == ("FAILED", 1, "HTTP 503")
-    assert (row.next_attempt_at - clock.now()).total_seconds() == 30
+    wait = (row.next_attempt_at - clock.now()).total_seconds()
+    assert 1800 * 0.9 <= wait <= 1800 * 1.1  # seed 004: 30 min, ±10 % jitter
 
-    clock.advance(29)
+    clock.advance(wait - 1)
     assert await worker.run_once() == 0
     clock.advance(1)
     assert await worker.run_once() == 1

@@ -78,7 +78,7 @@ def test_keys_create_prints_a_working_key(tmp_path: Path):
     migrated = runner.invoke(
         cli, ["migrate"], env={"DISPATCHD_DATABASE_URL": url, "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY}
     )
-    assert migrated.exit_code == 0 and "database at revision 0002" in migrated.output
+    assert migrated.exit_code == 0 and re.search(r"database at revision \d{4}", migrated.output)
     created = runner.invoke(
         cli, ["keys", "create", "--role", "integration"], env={"DISPATCHD_DATABASE_URL": url}
     )

@@ -35,8 +35,9 @@ from dispatchd.matching import deadlines
 from dispatchd.matching import router as matching_router
 from dispatchd.matching.service import MatchingConfig, MatchingService
 from dispatchd.notifications import router as notifications_router
-from dispatchd.notifications.channels.log import LogChannel
+from dispatchd.notifications import webhooks
 from dispatchd.notifications.delivery import DeliveryWorker
+from dispatchd.notifications.wiring import build_lanes
 from dispatchd.reservations import metrics as reservation_metrics
 from dispatchd.reservations import router as reservations_router
 from dispatchd.reservations.router import AvailabilityCache, RateLimiter
@@ -94,7 +95,13 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         Deadline("waiting_list_hold", reservations.expire_due_holds, reservations.oldest_due_hold)
     )
     delivery = DeliveryWorker(
-        db, LogChannel(), batch_size=settings.delivery_batch_size, lease_s=settings.delivery_lease_s
+        db,
+        lanes=build_lanes(settings, db.clock),
+        batch_size=settings.delivery_batch_size,
+        concurrency=settings.delivery_concurrency,
+        lease_s=settings.delivery_lease_s,
+        recipient_interval_s=settings.recipient_interval_s,
+        templates=settings.whatsapp_templates,
     )
     return Services(settings, db, matching, reservations, sweeper, delivery)
 
@@ -285,6 +292,7 @@ def create_app(
                 "description": "Capacity booked atomically, waiting list, admin (seed 003)",
             },
             {"name": "auth", "description": "API keys"},
+            {"name": "webhooks", "description": "WhatsApp Cloud API webhooks (signed by Meta)"},
             {"name": "operations", "description": "Probes, health, metrics"},
         ],
     )
@@ -306,6 +314,7 @@ def create_app(
     app.include_router(core_router.router)
     app.include_router(notifications_router.router)
     app.include_router(reservations_router.router)
+    app.include_router(webhooks.router)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def liveness() -> dict:

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated addresses receiving admin alerts by email"
     )
     delivery_batch_size: int = Field(default=200, ge=1, le=10_000)
+    delivery_concurrency: int = Field(default=32, ge=1, le=1000, description="Messages in flight at once")
+    channel_rate: str = Field(default="80/second", description="Bounded drain rate of the phone channel")
+    recipient_interval_s: float = Field(
+        default=6.0, ge=0, description="At most one message per phone per this many seconds (Meta pacing)"
+    )
     delivery_lease_s: float = Field(
         default=60.0, gt=0, description="A claimed notification returns after this"
     )

@@ -22,6 +22,21 @@ SWEEPER_TICKS = Counter("dispatchd_sweeper_ticks_total", "Sweeper iterations")
 SWEEPER_HANDLED = Counter("dispatchd_sweeper_handled_total", "Due rows handled, by deadline", ["deadline"])
 SWEEPER_LAG = Gauge("dispatchd_sweeper_lag_seconds", "Age of the oldest deadline still due after a tick")
 NOTIFICATIONS = Counter(
-    "dispatchd_notifications_total", "Delivery attempts, by channel and outcome", ["channel", "outcome"]
+    "dispatchd_notifications_total",
+    "Delivery attempts, by channel, outcome (sent, retry, failed, expired, template) and error class",
+    ["channel", "outcome", "error_class"],
+)
+SEND_LATENCY = Histogram(
+    "dispatchd_notification_send_seconds",
+    "Duration of one provider call",
+    ["channel"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 NOTIFICATION_BACKLOG = Gauge("dispatchd_notification_backlog", "Notifications waiting to be sent")
+OLDEST_PENDING_AGE = Gauge(
+    "dispatchd_notification_oldest_pending_seconds", "Age of the oldest waiting message"
+)
+CIRCUIT_STATE = Gauge("dispatchd_channel_circuit_state", "0 closed, 1 open, 2 half-open", ["channel"])
+UNKNOWN_ERRORS = Counter(
+    "dispatchd_notification_unknown_errors_total", "Provider errors not in the table", ["channel"]
+)

@@ -722,6 +722,7 @@ class MatchingService:
                         category=Category.OFFER_TAKEN,
                         body=messages.booking_taken(booking),
                         subject=_booking_topic(booking_id),
+                        expires_at=now + timedelta(seconds=self.config.offer_timeout_s),  # never late
                     )
                     for phone in (await self._phones(session, told) if told else [])
                 ),

@@ -52,6 +52,7 @@ class Notification(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: provider timestamp of the last status update applied (webhooks arrive out of order)
     status_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
