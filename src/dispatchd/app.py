@@ -36,6 +36,7 @@ from dispatchd.matching import router as matching_router
 from dispatchd.matching.service import MatchingConfig, MatchingService
 from dispatchd.notifications import router as notifications_router
 from dispatchd.notifications import webhooks
+from dispatchd.notifications.alerts import AlertMonitor
 from dispatchd.notifications.delivery import DeliveryWorker
 from dispatchd.notifications.wiring import build_lanes
 from dispatchd.reservations import metrics as reservation_metrics
@@ -72,6 +73,7 @@ class Services:
     reservations: ReservationService
     sweeper: Sweeper
     delivery: DeliveryWorker
+    alerts: AlertMonitor
 
 
 def build_services(settings: Settings, clock: Clock | None = None) -> Services:
@@ -103,7 +105,13 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         recipient_interval_s=settings.recipient_interval_s,
         templates=settings.whatsapp_templates,
     )
-    return Services(settings, db, matching, reservations, sweeper, delivery)
+    alerts = AlertMonitor(
+        db,
+        delivery.breakers,
+        admin_phones=tuple(settings.admin_phones),
+        admin_emails=tuple(settings.admin_emails),
+    )
+    return Services(settings, db, matching, reservations, sweeper, delivery, alerts)
 
 
 SECURITY_HEADERS = (
@@ -265,6 +273,7 @@ def create_app(
             tasks = [
                 asyncio.create_task(services.sweeper.run_forever(stop), name="sweeper"),
                 asyncio.create_task(services.delivery.run_forever(stop), name="delivery"),
+                asyncio.create_task(services.alerts.run_forever(stop), name="alerts"),
             ]
         log.info(
             "dispatchd started", version=__version__, database=services.db.dialect, background=background
