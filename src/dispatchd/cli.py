@@ -25,6 +25,104 @@ resources_app = typer.Typer(help="Bulk operations on resources (seed 003).", no_
 app.add_typer(resources_app, name="resources")
 reservations_app = typer.Typer(help="Bulk operations on reservations (seed 003).", no_args_is_help=True)
 app.add_typer(reservations_app, name="reservations")
+notifications_app = typer.Typer(help="Inspect and retry outgoing messages (seed 004).", no_args_is_help=True)
+app.add_typer(notifications_app, name="notifications")
+
+
+def _with_db(work):
+    """Run ``await work(db)`` on the configured database and close it."""
+    from dispatchd.core.db import Database
+
+    settings = _settings()
+
+    async def run():
+        db = Database(settings.database_url)
+        try:
+            return await work(db)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(run())
+
+
+@notifications_app.command("retry")
+def notifications_retry(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be retried, change nothing")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="One block per message")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many messages")] = 100,
+    max_retries: Annotated[int, typer.Option(min=1, help="Skip messages with this many attempts")] = 10,
+) -> None:
+    """Make failed (temporary) messages due now instead of waiting for their backoff."""
+    from dispatchd.notifications import admin
+
+    found = _with_db(lambda db: admin.retry_failed(db, limit=limit, max_retries=max_retries, dry_run=dry_run))
+    rule = "=" * 60
+    console.print(f"{rule}\n🔄 RETRY NOTIFICATIONS ÉCHOUÉES{' (simulation)' if dry_run else ''}\n{rule}\n")
+    console.print(f"📊 Notifications trouvées : {len(found)}")
+    console.print(f"🔢 Limite de tentatives : {max_retries}\n{rule}")
+    for item in found:
+        if verbose:
+            due = item.next_attempt_at.strftime("%d/%m/%Y %H:%M") if item.next_attempt_at else "-"
+            console.print(
+                f"\n📧 Notification {item.id}\n   Destinataire: {item.recipient}\n"
+                f"   Tentatives: {item.attempts}/{max_retries}\n   Prochaine tentative prévue: {due}\n"
+                f"   Catégorie: {item.category}\n   Dernière erreur: {item.last_error or '-'}\n"
+                + (
+                    "   ➡️  serait mise en file"
+                    if dry_run
+                    else f"   ✅ Mise en file (tentative {item.attempts + 1})"
+                )
+            )
+    console.print(f"\n{rule}\n📊 RÉSUMÉ DE L'EXÉCUTION\n{rule}")
+    console.print(f"Total traité       : {len(found)}")
+    console.print(f"Mises en file      : {0 if dry_run else len(found)}")
+
+
+@notifications_app.command("list")
+def notifications_list(
+    status: Annotated[
+        str | None, typer.Option(help="PENDING, SENT, FAILED, FAILED_PERMANENT, EXPIRED, …")
+    ] = None,
+    category: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+) -> None:
+    """The newest messages, optionally by status or category."""
+    from dispatchd.notifications import outbox
+
+    async def work(db):
+        async with db.read() as session:
+            return await outbox.list_notifications(session, status=status, category=category, limit=limit)
+
+    rows, total = _with_db(work)
+    table = Table(
+        "id", "created", "category", "recipient", "status", "attempts", "error", title=f"{total} messages"
+    )
+    for row in rows:
+        table.add_row(
+            row.id,
+            row.created_at.isoformat(timespec="seconds"),
+            row.category,
+            row.recipient,
+            row.status,
+            str(row.attempts),
+            (row.error_code or row.last_error or "")[:40],
+        )
+    console.print(table)
+
+
+@notifications_app.command("health")
+def notifications_health() -> None:
+    """Backlog, last hour's outcomes, recent error codes and alerts (circuits: the API's health)."""
+    import json
+
+    from dispatchd.notifications import admin
+
+    report = _with_db(lambda db: admin.health(db))
+    console.print_json(json.dumps(report, default=str))
+
+
 console = Console()
 errors = Console(stderr=True)
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dispatchd.core.auth import Principal
 from dispatchd.core.db import Database
-from dispatchd.core.schemas import UtcDateTime
+from dispatchd.core.errors import InvalidInput
+from dispatchd.core.phone import is_e164
+from dispatchd.core.schemas import StrictModel, UtcDateTime
 from dispatchd.deps import database, principal
-from dispatchd.notifications import outbox
+from dispatchd.notifications import admin, outbox
 from dispatchd.notifications.models import NotificationStatus
+from dispatchd.notifications.outbox import Message
 
 router = APIRouter(prefix="/v1", tags=["notifications"])
 
@@ -34,8 +37,13 @@ class NotificationOut(BaseModel):
     expires_at: datetime | None
     provider_message_id: str | None
     last_error: str | None
+    error_code: str | None
+    error_kind: str | None
     created_at: datetime
     sent_at: datetime | None
+    delivered_at: datetime | None
+    read_at: datetime | None
+    failed_at: datetime | None
 
 
 class NotificationPage(BaseModel):
@@ -70,3 +78,79 @@ async def list_notifications(
             offset=offset,
         )
     return NotificationPage(notifications=[NotificationOut.model_validate(r) for r in rows], total=total)
+
+
+class NotificationIn(StrictModel):
+    """One message to send through the outbox (integrations: reminders, receipts, anything)."""
+
+    recipient: str = Field(description="E.164 phone (WhatsApp) or email address", examples=["+221770000001"])
+    category: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$", examples=["colis_arrive"])
+    body: str = Field(min_length=1, max_length=4096)
+    expires_at: UtcDateTime | None = Field(default=None, description="Never delivered after this (TTL)")
+
+    @field_validator("recipient")
+    @classmethod
+    def _recipient(cls, value: str) -> str:
+        if not (is_e164(value) or ("@" in value and len(value) <= 200)):
+            raise ValueError("must be an E.164 phone such as +221770000001 or an email address")
+        return value
+
+
+@router.post(
+    "/notifications", status_code=201, response_model=NotificationOut, summary="Send a message (outbox)"
+)
+async def send_notification(
+    body: NotificationIn,
+    response: Response,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+    who: Principal = Depends(principal),
+    db: Database = Depends(database),
+):
+    """Written PENDING and delivered by the worker. With ``Idempotency-Key`` a repeat returns the first
+    message (200, ``Idempotent-Replayed: true``) instead of writing a second one."""
+    who.require_staff()
+    key = f"{who.key_id}:{idempotency_key}" if idempotency_key else None
+    message = Message(
+        body.recipient, body.category, body.body, expires_at=body.expires_at, idempotency_key=key
+    )
+    row, created = await admin.enqueue_one(db, message)
+    if not created:
+        if (row.recipient, row.category, row.body) != (body.recipient, body.category, body.body):
+            raise InvalidInput(
+                "this Idempotency-Key was used for a different message", code="IDEMPOTENCY_KEY_REUSED"
+            )
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return row
+
+
+@router.post(
+    "/notifications/{notification_id}/retry", response_model=NotificationOut, summary="Send again now"
+)
+async def retry_notification(
+    notification_id: str, who: Principal = Depends(principal), db: Database = Depends(database)
+):
+    """A failed, expired or cancelled message goes back to PENDING with a fresh attempt budget."""
+    who.require_staff()
+    return await admin.retry_one(db, notification_id)
+
+
+class ReplayIn(StrictModel):
+    since: UtcDateTime = Field(description="Every message that failed at or after this time (UTC)")
+    permanent_only: bool = False
+
+
+@router.post("/notifications/replay", summary="Queue again every message that failed since T")
+async def replay_notifications(
+    body: ReplayIn, who: Principal = Depends(principal), db: Database = Depends(database)
+):
+    who.require_staff()
+    return {"requeued": await admin.replay(db, body.since, permanent_only=body.permanent_only)}
+
+
+@router.get("/notifications/health", summary="Outbox and channel health")
+async def notifications_health(
+    request: Request, who: Principal = Depends(principal), db: Database = Depends(database)
+):
+    who.require_staff()
+    return await admin.health(db, request.app.state.delivery.breakers)

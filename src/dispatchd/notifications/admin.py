@@ -1,0 +1,168 @@
+"""Operator actions on the outbox, shared by the API and the CLI (seed 004 §3 "Commande Retry")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from dispatchd.core.db import Database
+from dispatchd.core.errors import InvalidState, NotFound
+from dispatchd.notifications import outbox
+from dispatchd.notifications.breaker import CircuitBreaker
+from dispatchd.notifications.models import AlertState, Notification, NotificationStatus
+from dispatchd.notifications.outbox import Message
+
+RETRYABLE = (
+    NotificationStatus.FAILED.value,
+    NotificationStatus.FAILED_PERMANENT.value,
+    NotificationStatus.EXPIRED.value,
+    NotificationStatus.CANCELLED.value,
+)
+
+
+async def enqueue_one(db: Database, message: Message) -> tuple[Notification, bool]:
+    """Write one message; with ``message.idempotency_key`` a repeat returns the first row.
+
+    Returns ``(row, created)``.
+    """
+    try:
+        async with db.transaction() as session:
+            [notification_id] = await outbox.enqueue(session, [message])
+            row = await session.get(Notification, notification_id)
+            return row, True
+    except IntegrityError:
+        async with db.read() as session:
+            row = await session.scalar(
+                select(Notification).where(Notification.idempotency_key == message.idempotency_key)
+            )
+        if row is None:
+            raise
+        return row, False
+
+
+async def retry_one(db: Database, notification_id: str) -> Notification:
+    """Send a FAILED / FAILED_PERMANENT / EXPIRED / CANCELLED message again now, with a fresh attempt budget.
+
+    Raises :class:`NotFound`, :class:`InvalidState` (pending, sending or already delivered)."""
+    async with db.transaction() as session:
+        row = await session.get(Notification, notification_id)
+        if row is None:
+            raise NotFound(f"notification {notification_id} not found")
+        if row.status not in RETRYABLE:
+            raise InvalidState(
+                f"notification {notification_id} is {row.status}; only failed ones are retried"
+            )
+        row.status = NotificationStatus.PENDING.value
+        row.attempts = 0
+        row.next_attempt_at = session.info["now"]
+        return row
+
+
+async def replay(db: Database, since: datetime, *, permanent_only: bool = False) -> int:
+    """Put every message that failed since ``since`` (UTC) back in the queue, due now; return how many."""
+    statuses = (
+        [NotificationStatus.FAILED_PERMANENT.value]
+        if permanent_only
+        else [NotificationStatus.FAILED.value, NotificationStatus.FAILED_PERMANENT.value]
+    )
+    async with db.transaction() as session:
+        result = await session.execute(
+            update(Notification)
+            .where(Notification.status.in_(statuses), Notification.failed_at >= since)
+            .values(status=NotificationStatus.PENDING.value, attempts=0, next_attempt_at=session.info["now"])
+        )
+        return result.rowcount
+
+
+@dataclass(frozen=True)
+class RetryCandidate:
+    id: str
+    recipient: str
+    category: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+
+
+async def retry_failed(
+    db: Database, *, limit: int = 100, max_retries: int = 10, dry_run: bool = False
+) -> list[RetryCandidate]:
+    """The seed's ``retry_failed_notifications``: FAILED (temporary) messages with fewer than
+    ``max_retries`` attempts are made due now, oldest first; ``dry_run`` only lists them."""
+    async with db.transaction() as session:
+        rows = list(
+            (
+                await session.scalars(
+                    select(Notification)
+                    .where(
+                        Notification.status == NotificationStatus.FAILED.value,
+                        Notification.attempts < max_retries,
+                    )
+                    .order_by(Notification.next_attempt_at, Notification.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+        )
+        found = [
+            RetryCandidate(r.id, r.recipient, r.category, r.attempts, r.next_attempt_at, r.last_error)
+            for r in rows
+        ]
+        if not dry_run:
+            for row in rows:
+                row.next_attempt_at = session.info["now"]
+        return found
+
+
+async def health(db: Database, breakers: list[CircuitBreaker] | None = None) -> dict[str, Any]:
+    """Outbox health: counts by status, backlog and its oldest message, last hour's outcomes, recent errors,
+    alert cooldowns and (in a server) each channel's circuit."""
+    async with db.read() as session:
+        now = session.info["now"]
+        hour_ago = now - timedelta(hours=1)
+        by_status = dict(
+            (
+                await session.execute(select(Notification.status, func.count()).group_by(Notification.status))
+            ).all()
+        )
+        oldest = await session.scalar(
+            select(func.min(Notification.created_at)).where(
+                Notification.status.in_(["PENDING", "SENDING", "FAILED"])
+            )
+        )
+        sent_1h = await session.scalar(select(func.count()).where(Notification.sent_at >= hour_ago))
+        failed_1h = await session.scalar(select(func.count()).where(Notification.failed_at >= hour_ago))
+        errors = (
+            await session.execute(
+                select(Notification.error_code, Notification.error_kind, func.count())
+                .where(Notification.failed_at >= hour_ago, Notification.error_code.is_not(None))
+                .group_by(Notification.error_code, Notification.error_kind)
+                .order_by(func.count().desc())
+                .limit(10)
+            )
+        ).all()
+        alerts = (
+            await session.scalars(select(AlertState).order_by(AlertState.last_fired_at.desc()).limit(10))
+        ).all()
+    outcomes = sent_1h + failed_1h
+    return {
+        "at": now,
+        "by_status": by_status,
+        "backlog": sum(by_status.get(s, 0) for s in ("PENDING", "SENDING", "FAILED")),
+        "oldest_waiting_s": round((now - oldest).total_seconds(), 3) if oldest else None,
+        "last_hour": {
+            "sent": sent_1h,
+            "failed": failed_1h,
+            "failure_rate": round(failed_1h / outcomes, 4) if outcomes else None,
+        },
+        "errors_last_hour": [{"code": c, "kind": k, "count": n} for c, k, n in errors],
+        "channels": [
+            {"channel": b.channel, "circuit": b.state.value, "reason": b.reason, "open_until": b.open_until}
+            for b in breakers or []
+        ],
+        "alerts": [{"rule": a.rule, "last_fired_at": a.last_fired_at, "detail": a.detail} for a in alerts],
+    }
