@@ -123,9 +123,9 @@ class Settings(BaseSettings):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 
-    @field_validator("admin_phones", mode="before")
+    @field_validator("admin_phones", "admin_emails", mode="before")
     @classmethod
-    def _split_phones(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -145,13 +145,6 @@ class Settings(BaseSettings):
     def _channel(cls, value: str) -> str:
         if value not in {"log", "whatsapp_cloud", "wachap"}:
             raise ValueError("must be one of: log, whatsapp_cloud, wachap")
-        return value
-
-    @field_validator("admin_emails", mode="before")
-    @classmethod
-    def _split_emails(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @model_validator(mode="after")
