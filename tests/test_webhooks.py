@@ -476,3 +476,28 @@ async def test_tap_outcomes_reject_unknown_driver_and_missing_offer(hooks, servi
     assert (await post(hooks, envelope)).status_code == 200
     assert [row.outcome for row in await inbound(services, wamid)] == ["OFFER_NOT_FOUND"]
     assert (await services.matching.get_booking(booking_id)).status == "SEARCHING"
+
+
+async def test_a_late_131047_failure_is_resent_as_the_category_template(db_url, services, clock):
+    """Meta may report the closed 24 h window only by webhook: the message goes back to the queue as the
+    category's approved template, as a synchronous 131047 would."""
+    templates = {"driver_offer": {"name": "nouvelle_course", "language": "fr"}}
+    app = _app(
+        db_url,
+        services,
+        clock,
+        whatsapp_app_secret=SECRET,
+        whatsapp_verify_token=VERIFY_TOKEN,
+        whatsapp_templates=templates,
+    )
+    wamid = new_wamid()
+    notification_id = await sent_notification(services, wamid)
+    envelope = status_payload("failed", wamid, T0 + 10)
+    envelope["entry"][0]["changes"][0]["value"]["statuses"][0]["errors"] = [
+        {"code": 131047, "title": "Re-engagement message"}
+    ]
+    async for http in _client(app):
+        assert (await post(http, envelope)).status_code == 200
+    row = await notification(services, notification_id)
+    assert (row.status, row.error_code, row.error_kind) == ("PENDING", "META_131047", "WINDOW_CLOSED")
+    assert row.payload["template"]["name"] == "nouvelle_course" and row.next_attempt_at == at(T0 + 10)

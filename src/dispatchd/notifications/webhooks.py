@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -258,12 +259,18 @@ def parse_delivery(payload: Any) -> tuple[list[StatusUpdate], list[Inbound]]:
 # --------------------------------------------------------------------------------------- applying
 
 
-def apply_status(notification: Notification, update_: StatusUpdate) -> bool:
+def apply_status(
+    notification: Notification,
+    update_: StatusUpdate,
+    templates: Mapping[str, Mapping[str, Any]] | None = None,
+) -> bool:
     """Move ``notification`` forward with one provider status; True when anything changed.
 
     ``sent`` < ``delivered`` < ``read``: a status ranked below the current one changes nothing (Meta does
     not guarantee order). ``failed`` → FAILED_PERMANENT with ``error_code`` ``META_<code>``, unless the
-    message was already DELIVERED or READ. Rows not in SENT / DELIVERED / READ (failed, cancelled…) are
+    message was already DELIVERED or READ — except ``META_131047`` (the 24 h window closed) when
+    ``templates`` has the message's category: then it goes back to PENDING to be re-sent as that approved
+    template, as a synchronous 131047 would. Rows not in SENT / DELIVERED / READ (failed, cancelled…) are
     left alone; ``played`` and other statuses are ignored.
     """
     current = NotificationStatus(notification.status)
@@ -272,11 +279,21 @@ def apply_status(notification: Notification, update_: StatusUpdate) -> bool:
     if update_.status == "failed":
         if current is not NotificationStatus.SENT:
             return False
-        notification.status = NotificationStatus.FAILED_PERMANENT.value
         notification.error_code = update_.error_code or "META_UNKNOWN"
-        notification.error_kind = "PERMANENT"
         notification.last_error = update_.error_text or "failed (no error detail from the provider)"
-        notification.next_attempt_at = None
+        notification.failed_at = update_.at
+        template = (templates or {}).get(notification.category)
+        payload = notification.payload or {}
+        if notification.error_code == "META_131047" and template and "template" not in payload:
+            parameters = [notification.body[:1000]] if template.get("body_parameter", True) else []
+            notification.payload = {**payload, "template": {**template, "parameters": parameters}}
+            notification.status = NotificationStatus.PENDING.value
+            notification.error_kind = "WINDOW_CLOSED"
+            notification.next_attempt_at = update_.at
+        else:
+            notification.status = NotificationStatus.FAILED_PERMANENT.value
+            notification.error_kind = "PERMANENT"
+            notification.next_attempt_at = None
     else:
         target = RANKED_STATUSES.get(update_.status)
         if target is None or RANK[target] < RANK[current]:
@@ -313,7 +330,12 @@ class _Tap:
     booking_id: str
 
 
-async def _apply_statuses(session: AsyncSession, statuses: list[StatusUpdate], counts: _Counts) -> None:
+async def _apply_statuses(
+    session: AsyncSession,
+    statuses: list[StatusUpdate],
+    counts: _Counts,
+    templates: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
     counts.statuses += len(statuses)
     wamids = sorted({status.wamid for status in statuses})
     found: dict[str, list[Notification]] = {}
@@ -335,7 +357,7 @@ async def _apply_statuses(session: AsyncSession, statuses: list[StatusUpdate], c
             counts.unmatched += 1
             continue
         for notification in notifications:
-            apply_status(notification, status)
+            apply_status(notification, status, templates)
 
 
 async def _store_messages(session: AsyncSession, messages: list[Inbound], counts: _Counts) -> list[_Tap]:
@@ -383,12 +405,15 @@ async def _store_messages(session: AsyncSession, messages: list[Inbound], counts
 
 @retry_transient
 async def _record(
-    db: Database, statuses: list[StatusUpdate], messages: list[Inbound]
+    db: Database,
+    statuses: list[StatusUpdate],
+    messages: list[Inbound],
+    templates: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[_Counts, list[_Tap]]:
     """One unit of work for the whole delivery (re-run from the start after a deadlock)."""
     counts = _Counts()
     async with db.transaction() as session:
-        await _apply_statuses(session, statuses, counts)
+        await _apply_statuses(session, statuses, counts, templates)
         taps = await _store_messages(session, messages, counts)
     return counts, taps
 
@@ -498,7 +523,7 @@ async def receive(request: Request) -> WebhookAck:
         raise MalformedJson("the request body is not valid JSON") from None
     statuses, messages = parse_delivery(payload)
     db: Database = request.app.state.db
-    counts, taps = await _record(db, statuses, messages)
+    counts, taps = await _record(db, statuses, messages, request.app.state.settings.whatsapp_templates)
     if taps:
         await _route(db, request.app.state.matching, taps)
     return WebhookAck(
