@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.bench_matching
 	$(BIN)/python -m bench.bench_reservations
+	$(BIN)/python -m bench.bench_notifications
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
