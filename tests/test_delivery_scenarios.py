@@ -201,9 +201,9 @@ async def test_pacing_makes_later_messages_to_one_phone_wait(services, clock):
 
 async def test_a_three_day_outage_loses_nothing_and_burns_no_attempts(services, clock):
     fake = FakeMeta(unreachable)
-    worker = _worker(services, fake, concurrency=10)
-    await _enqueue(services, *(_message(n) for n in range(20)))
-    await worker.run_once()  # the first batch fails before the circuit opens
+    worker = _worker(services, fake, concurrency=20)
+    await _enqueue(services, *(_message(n) for n in range(30)))
+    await worker.run_once()  # the first batch (20 sends) fails and opens the circuit
     before = {r.id: r.attempts for r in await _rows(services)}
     assert worker.breakers[0].state is CircuitState.OPEN
 
@@ -219,6 +219,6 @@ async def test_a_three_day_outage_loses_nothing_and_burns_no_attempts(services, 
         if not await worker.run_once() and all(r.status == "SENT" for r in await _rows(services)):
             break
     rows = await _rows(services)
-    assert {r.status for r in rows} == {"SENT"} and len(rows) == 20
+    assert {r.status for r in rows} == {"SENT"} and len(rows) == 30
     assert all(r.attempts == before[r.id] + 1 for r in rows)
     assert calls_during_outage < 3 * 24 * 6 + 20  # probing, not hammering: at most a probe per cooldown

@@ -51,7 +51,10 @@ async def test_metrics_are_exposed_for_prometheus(client, services):
     await services.matching.start_matching(booking.id)
     text = (await client.get("/metrics")).text
     assert "dispatchd_matching_started_total" in text and "dispatchd_time_to_match_seconds_bucket" in text
-    assert "dispatchd_notification_backlog 1.0" in text and "dispatchd_notification_oldest_pending_seconds" in text
+    assert (
+        "dispatchd_notification_backlog 1.0" in text
+        and "dispatchd_notification_oldest_pending_seconds" in text
+    )
 
 
 async def test_stats_report_rates_times_and_drivers(client, services, clock):

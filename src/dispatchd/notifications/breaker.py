@@ -2,8 +2,10 @@
 
 CLOSED: messages flow. OPEN (after an auth failure, or when at least ``min_samples`` of the last
 ``window`` sends include ``failure_rate`` failures): nothing is claimed, so no attempt is burned, until
-``open_until``. HALF_OPEN: one probe message is sent; success closes the circuit, failure re-opens it
-for twice as long (up to ``max_cooldown_s``). Times come from the injectable clock.
+``open_until``. The window (50 sends, at least 20, 50 %) is wide enough that 20 % random transient
+failures do not open it (P(≥ 25 of 50) ≈ 10⁻⁵ per window), while a dead provider opens it after 20
+sends. HALF_OPEN: one probe message is sent; success closes the circuit, failure re-opens it for twice
+as long (up to ``max_cooldown_s``). Times come from the injectable clock.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class CircuitBreaker:
         channel: str,
         clock: Clock,
         *,
-        window: int = 20,
-        min_samples: int = 10,
+        window: int = 50,
+        min_samples: int = 20,
         failure_rate: float = 0.5,
         cooldown_s: float = 30.0,
         max_cooldown_s: float = 600.0,

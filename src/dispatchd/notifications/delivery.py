@@ -338,8 +338,13 @@ class DeliveryWorker:
         metrics.OLDEST_PENDING_AGE.set((now - oldest).total_seconds() if oldest else 0)
         return int(count), oldest
 
-    async def run_forever(self, stop: asyncio.Event, *, idle_s: float = 1.0) -> None:
-        """Deliver until ``stop`` is set; sleeps at most ``idle_s`` when idle, less when woken by a commit."""
+    async def run_forever(self, stop: asyncio.Event, *, idle_s: float = 1.0, loops: int = 4) -> None:
+        """Deliver until ``stop`` is set, with ``loops`` claim → send → record cycles overlapping (so one
+        slow send or one recording does not hold every other message); each loop sleeps at most
+        ``idle_s`` when idle, less when woken by a commit."""
+        await asyncio.gather(*(self._loop(stop, idle_s) for _ in range(loops)))
+
+    async def _loop(self, stop: asyncio.Event, idle_s: float) -> None:
         while not stop.is_set():
             self.wake.clear()  # before the claim, so a commit during the batch is not missed
             try:

@@ -22,6 +22,9 @@ REDACTED = "[REDACTED]"
 ERROR_STATUSES = frozenset({"error", "failed", "fail", "false"})
 
 
+_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+
+
 class WaChapChannel:
     """Sends one text message per call. When ``http`` is given the caller owns it (``aclose`` leaves it
     open); ``timeout_s`` bounds each request, in seconds."""
@@ -42,7 +45,7 @@ class WaChapChannel:
         self._instance_id = instance_id
         self._timeout_s = timeout_s
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s)
+        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s, limits=_LIMITS)
 
     def __repr__(self) -> str:
         return f"WaChapChannel(url={self._url!r}, instance_id={self._instance_id!r})"

@@ -33,6 +33,9 @@ REDACTED = "[REDACTED]"
 DEFAULT_TEMPLATE_LANGUAGE = "en_US"
 
 
+_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+
+
 class WhatsAppCloudChannel:
     """Sends one message per call to ``{base_url}/{phone_number_id}/messages``.
 
@@ -55,7 +58,8 @@ class WhatsAppCloudChannel:
         self._token = access_token
         self._timeout_s = timeout_s
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s)
+        # keep-alive for every connection in flight: without it, sends past 20 at once reconnect each time
+        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s, limits=_LIMITS)
 
     def __repr__(self) -> str:
         return f"WhatsAppCloudChannel(url={self._url!r})"
