@@ -101,6 +101,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         lanes=build_lanes(settings, db.clock),
         batch_size=settings.delivery_batch_size,
         concurrency=settings.delivery_concurrency,
+        loops=4,
         lease_s=settings.delivery_lease_s,
         recipient_interval_s=settings.recipient_interval_s,
         templates=settings.whatsapp_templates,

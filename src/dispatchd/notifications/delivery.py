@@ -96,6 +96,7 @@ class DeliveryWorker:
         batch_size: int = 200,
         lease_s: float = 60.0,
         concurrency: int = 32,
+        loops: int = 1,
         recipient_interval_s: float = 0.0,
         templates: Mapping[str, Mapping[str, Any]] | None = None,
         rng: random.Random | None = None,
@@ -105,9 +106,11 @@ class DeliveryWorker:
             assert channel is not None, "give a channel or lanes"
             lanes = [Lane(channel, true(), CircuitBreaker(channel.name, db.clock), rate=None)]
         self.lanes = lanes
-        # Every claimed row is sent at once: a claim never outgrows what is in flight, so no row waits
-        # for a send slot while its lease runs out (the lease must exceed the channel's HTTP timeout).
-        self.batch_size = min(batch_size, concurrency)
+        # Every claimed row is sent at once: a claim never outgrows its share of what may be in flight,
+        # so no row waits for a send slot while its lease runs out (the lease must exceed the channel's
+        # HTTP timeout). ``loops`` overlapping cycles share ``concurrency``.
+        self.loops = max(1, loops)
+        self.batch_size = max(1, min(batch_size, concurrency // self.loops))
         self.lease_s = lease_s
         self.recipient_interval_s = recipient_interval_s
         self.templates = dict(templates or {})
@@ -338,11 +341,11 @@ class DeliveryWorker:
         metrics.OLDEST_PENDING_AGE.set((now - oldest).total_seconds() if oldest else 0)
         return int(count), oldest
 
-    async def run_forever(self, stop: asyncio.Event, *, idle_s: float = 1.0, loops: int = 4) -> None:
+    async def run_forever(self, stop: asyncio.Event, *, idle_s: float = 1.0) -> None:
         """Deliver until ``stop`` is set, with ``loops`` claim → send → record cycles overlapping (so one
         slow send or one recording does not hold every other message); each loop sleeps at most
         ``idle_s`` when idle, less when woken by a commit."""
-        await asyncio.gather(*(self._loop(stop, idle_s) for _ in range(loops)))
+        await asyncio.gather(*(self._loop(stop, idle_s) for _ in range(self.loops)))
 
     async def _loop(self, stop: asyncio.Event, idle_s: float) -> None:
         while not stop.is_set():
