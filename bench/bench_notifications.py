@@ -1,0 +1,538 @@
+"""Notification delivery: dispatchd's outbox worker against the seed's Celery + Redis, same fake WhatsApp.
+
+What is measured (issue text: "sustained deliveries per second to a local fake WhatsApp server that fails
+20 % of calls transiently, and the same job done by Celery + Redis (the seed's stack) in the same run.
+Goal: at least 2x Celery's rate, 0 lost; report duplicates after a worker kill for both."):
+
+- the fake: ``bench/fake_whatsapp.py`` in its own process, ``--fail-rate`` (0.2) of calls answered 503
+  with Meta error 131000 (TEMPORARY), ``--latency-ms`` (5) per answer; it counts deliveries per
+  notification id, so lost and duplicated messages are counted where they land;
+- dispatchd: N rows written to the outbox in one transaction (``outbox.enqueue``, category
+  ``driver_offer`` so a failed send is retried after 2 s × 2^(n-1) ±20 %, capped at 10 s; the
+  informational policy waits 30 min; ``expires_at`` one day ahead), delivered by a ``dispatchd serve``
+  process on PostgreSQL: channel ``whatsapp_cloud``, ``DISPATCHD_RECIPIENT_INTERVAL_S=0`` (distinct
+  phones anyway), ``DISPATCHD_CHANNEL_RATE=""`` (no drain limit), ``DISPATCHD_DELIVERY_CONCURRENCY``
+  = ``--concurrency`` (32), lease 5 s; the code as shipped, nothing patched (circuit breaker included);
+- Celery: ``bench/celery_baseline.py``, one task per message with ``.delay()``, ``acks_late=True``,
+  ``autoretry_for`` with a 0.05 s countdown, a worker ``celery worker -P prefork --concurrency 16``
+  (its best rate on this 2-core machine: 16 processes ≈ 430/s sustained, 8 ≈ 380/s, 4 and 2 ≈ 285/s
+  and 160/s, ``-P threads --concurrency 32`` ≈ 280/s; ``--celery-pool threads`` uses ``--concurrency``
+  threads), Redis db 15 (flushed before and after), visibility timeout 5 s, restore sweep every second.
+
+Each system runs twice: undisturbed, then killed with SIGKILL once ``--kill-at`` (40 %) of the ids have
+been delivered and restarted at once. A run ends when the system holds nothing more (dispatchd: no
+PENDING / SENDING / FAILED row; Celery: queue and unacked set empty, and every id delivered or 3 s
+without anything held), or at ``--timeout``.
+
+Reported per run: end-to-end time (first enqueue → last id first delivered); the completion rate (N ÷
+time from the fake's first call to the last id: includes each system's retry tail, and dispatchd's
+time-critical policy waits 2 s, 4 s, 8 s, 10 s between attempts where the Celery task waits 0.05 s);
+the sustained rate (ids first delivered between the 10th and the 70th percentile ÷ the time they took:
+the rate while the backlog drains, without start-up and without the ~20 % of ids whose first call
+failed and whose delivery therefore depends on the retry delay); when (after the fake's first call)
+80 %, 99 % and all ids had been delivered; calls and 503s; lost (ids the fake never accepted);
+duplicates (acceptances beyond the first); and what the kill left in flight (dispatchd: rows SENDING;
+Celery: messages in Redis's unacked set).
+
+Usage: ``python -m bench.bench_notifications [--quick] [--messages N] [--fail-rate 0.2]
+[--latency-ms 5] [--concurrency 32] [--celery-pool prefork|threads] [--processes 16] [--kill-at 0.4]
+[--timeout S] [--systems both|dispatchd|celery] [--skip-kill]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+from sqlalchemy import delete, func, select
+
+from bench.common import fresh_database, machine, postgres_version
+from dispatchd.core.db import Database
+from dispatchd.core.logging import configure_logging
+from dispatchd.notifications import outbox
+from dispatchd.notifications.models import OPEN_STATUSES, Notification, NotificationStatus
+from dispatchd.notifications.outbox import Message
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+ADMIN_KEY = "dk_bench_admin_key_0123456789abcdef"
+PHONE_NUMBER_ID = "1234567890"
+LEASE_S = 5  # dispatchd's lease = Celery's visibility timeout (bench/celery_baseline.py)
+
+
+@dataclass
+class Outcome:
+    system: str
+    scenario: str
+    messages: int
+    started: float  # time.time() of the first enqueue
+    ids: list[str]
+    stats: dict = field(default_factory=dict)
+    finished: bool = False
+    in_flight_at_kill: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.stats.get("counts", {})
+
+    @property
+    def lost(self) -> int:
+        return sum(1 for nid in self.ids if not self.counts.get(nid))
+
+    @property
+    def lost_detail(self) -> str:
+        """How many calls the fake saw for the lost ids (0: never sent; more: only failed calls)."""
+        attempts = self.stats.get("attempts", {})
+        calls = sorted(attempts.get(nid, 0) for nid in self.ids if not self.counts.get(nid))
+        return f"lost ids got {', '.join(map(str, calls))} call(s)" if calls else ""
+
+    @property
+    def duplicates(self) -> int:
+        return sum(max(0, self.counts.get(nid, 0) - 1) for nid in self.ids)
+
+    @property
+    def end_to_end(self) -> float | None:
+        last = self.stats.get("last_new_at")
+        return None if last is None else last - self.started
+
+    @property
+    def completion_rate(self) -> float | None:
+        first, last = self.stats.get("first_call_at"), self.stats.get("last_new_at")
+        if first is None or last is None or last <= first or self.lost:
+            return None
+        return self.messages / (last - first)
+
+    def delivered_by(self, share: float) -> float | None:
+        """Seconds from the fake's first call until ``share`` of the ids were delivered."""
+        times = sorted(self.stats.get("first_delivery_times", []))
+        needed = max(1, round(share * self.messages))
+        if len(times) < needed or self.stats.get("first_call_at") is None:
+            return None
+        return times[needed - 1] - self.stats["first_call_at"]
+
+    @property
+    def sustained_rate(self) -> float | None:
+        times = sorted(self.stats.get("first_delivery_times", []))
+        low, high = int(0.1 * self.messages), int(0.7 * self.messages) - 1
+        if len(times) <= high or times[high] <= times[low]:
+            return None
+        return (high - low) / (times[high] - times[low])
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_folder(logs: Path, system: str, kill: bool) -> Path:
+    """A folder of its own for one run's logs (and Celery's ready files)."""
+    folder = logs / f"{system}-{'kill' if kill else 'undisturbed'}"
+    folder.mkdir()
+    return folder
+
+
+def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``command`` in its own process group (so a kill reaches its children too)."""
+    with log.open("a") as out:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def sigkill(process: subprocess.Popen) -> None:
+    """SIGKILL the process group we started (pgid = the process's pid)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def shutdown(process: subprocess.Popen, timeout_s: float = 20) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        sigkill(process)
+    except ProcessLookupError:
+        process.wait(timeout=5)
+
+
+def tail(log: Path) -> str:
+    return log.read_text()[-2000:]
+
+
+async def wait_for(check, timeout_s: float, what: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what}: process exited: {tail(log)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not ready after {timeout_s:g} s: {tail(log)}")
+        await asyncio.sleep(0.05)
+
+
+async def http_ok(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=1) as http:
+            return (await http.get(url)).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- dispatchd
+
+
+class DispatchdWorker:
+    def __init__(self, database_url: str, fake_url: str, concurrency: int, logs: Path) -> None:
+        self.env = {
+            "DISPATCHD_DATABASE_URL": database_url,
+            "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY,
+            "DISPATCHD_LOG_LEVEL": "WARNING",
+            "DISPATCHD_LOG_JSON": "true",
+            "DISPATCHD_NOTIFICATION_CHANNEL": "whatsapp_cloud",
+            "DISPATCHD_WHATSAPP_API_BASE_URL": f"{fake_url}/v21.0",
+            "DISPATCHD_WHATSAPP_ACCESS_TOKEN": "fake-token",
+            "DISPATCHD_WHATSAPP_PHONE_NUMBER_ID": PHONE_NUMBER_ID,
+            "DISPATCHD_RECIPIENT_INTERVAL_S": "0",
+            "DISPATCHD_CHANNEL_RATE": "",
+            "DISPATCHD_DELIVERY_CONCURRENCY": str(concurrency),
+            "DISPATCHD_DELIVERY_LEASE_S": str(LEASE_S),
+        }
+        self.logs = logs
+        self.process: subprocess.Popen | None = None
+        self.started = 0
+
+    async def start(self) -> None:
+        port = free_port()
+        self.started += 1
+        log = self.logs / f"dispatchd-{self.started}.log"
+        self.process = spawn([sys.executable, "-m", "dispatchd", "serve", "--port", str(port)], log, self.env)
+        await wait_for(
+            lambda: http_ok(f"http://127.0.0.1:{port}/ready"), 60, "dispatchd serve", self.process, log
+        )
+
+    def circuit_openings(self) -> int:
+        return sum(path.read_text().count('"circuit open"') for path in self.logs.glob("dispatchd-*.log"))
+
+
+async def open_rows(db: Database) -> dict[str, int]:
+    async with db.read() as session:
+        rows = await session.execute(
+            select(Notification.status, func.count())
+            .where(Notification.status.in_([s.value for s in OPEN_STATUSES]))
+            .group_by(Notification.status)
+        )
+        return {status: count for status, count in rows.all()}
+
+
+async def run_dispatchd(
+    database_url: str, fake: httpx.AsyncClient, args: argparse.Namespace, kill: bool, logs: Path
+) -> Outcome:
+    db = Database(database_url)
+    async with db.transaction() as session:
+        await session.execute(delete(Notification))
+    await fake.post("/reset")
+    logs = run_folder(logs, "dispatchd", kill)
+    workers = DispatchdWorker(database_url, str(fake.base_url).rstrip("/"), args.concurrency, logs)
+    await workers.start()
+    try:
+        started = time.time()
+        async with db.transaction() as session:
+            expires = session.info["now"] + timedelta(days=1)
+            ids = await outbox.enqueue(
+                session,
+                [
+                    Message(
+                        recipient=f"+22170{i:07d}",
+                        category="driver_offer",
+                        body=f"Nouvelle course #{i}: Plateau → Aéroport AIBD, 12 000 FCFA",
+                        expires_at=expires,
+                    )
+                    for i in range(args.messages)
+                ],
+            )
+        outcome = Outcome("dispatchd", scenario(kill, args), args.messages, started, ids)
+        deadline = time.monotonic() + args.timeout
+        killed = False
+        while time.monotonic() < deadline:
+            unique = (await fake.get("/stats")).json()["unique"]
+            if kill and not killed and unique >= args.kill_at * args.messages:
+                sigkill(workers.process)
+                killed = True
+                outcome.in_flight_at_kill = (await open_rows(db)).get(NotificationStatus.SENDING, 0)
+                await workers.start()
+            if not await open_rows(db):  # every row final: nothing more will be sent
+                outcome.finished = True
+                break
+            await asyncio.sleep(0.05)
+        outcome.stats = (await fake.get("/stats", params={"ids": 1, "times": 1})).json()
+        left = await open_rows(db)
+        if left:
+            outcome.notes.append(f"still open: {left}")
+        async with db.read() as session:
+            retried = await session.scalar(
+                select(func.count()).select_from(Notification).where(Notification.attempts > 1)
+            )
+        outcome.notes.append(f"{retried} rows needed >1 attempt")
+        openings = workers.circuit_openings()
+        outcome.notes.append(f"circuit breaker opened {openings}×" if openings else "breaker never opened")
+        return outcome
+    finally:
+        if workers.process is not None:
+            shutdown(workers.process)
+        await db.dispose()
+
+
+# ------------------------------------------------------------------------------------------------- Celery
+
+
+class CeleryWorker:
+    def __init__(self, fake_url: str, args: argparse.Namespace, logs: Path) -> None:
+        self.args = args
+        self.logs = logs
+        self.fake_url = fake_url
+        self.process: subprocess.Popen | None = None
+        self.started = 0
+
+    async def start(self) -> None:
+        self.started += 1
+        log = self.logs / f"celery-{self.started}.log"
+        ready = self.logs / f"celery-{self.started}.ready"
+        pool = ["-P", "threads"] if self.args.celery_pool == "threads" else ["-P", "prefork"]
+        concurrency = self.args.concurrency if self.args.celery_pool == "threads" else self.args.processes
+        command = [
+            sys.executable, "-m", "celery", "-A", "bench.celery_baseline", "worker", *pool,
+            "--concurrency", str(concurrency), "--loglevel", "WARNING",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--hostname", f"bench{self.started}@%h",
+        ]  # fmt: skip
+        env = {
+            "BENCH_CELERY_BROKER": REDIS_URL,
+            "BENCH_FAKE_WHATSAPP_URL": f"{self.fake_url}/v21.0",
+            "BENCH_WHATSAPP_PHONE_NUMBER_ID": PHONE_NUMBER_ID,
+            "BENCH_CELERY_READY_FILE": str(ready),
+        }
+        self.process = spawn(command, log, env)
+
+        async def is_ready() -> bool:
+            return ready.exists()
+
+        await wait_for(is_ready, 60, "celery worker", self.process, log)
+
+
+async def run_celery(fake: httpx.AsyncClient, args: argparse.Namespace, kill: bool, logs: Path) -> Outcome:
+    import redis
+
+    os.environ["BENCH_CELERY_BROKER"] = REDIS_URL  # read when bench.celery_baseline is imported
+    from bench.celery_baseline import send_notification
+
+    broker = redis.Redis.from_url(REDIS_URL)
+    broker.flushdb()
+    await fake.post("/reset")
+    logs = run_folder(logs, "celery", kill)
+    workers = CeleryWorker(str(fake.base_url).rstrip("/"), args, logs)
+    await workers.start()
+
+    def held() -> tuple[int, int]:
+        """(messages waiting in the queue, messages delivered to a worker and not acknowledged)."""
+        return broker.llen("celery"), broker.hlen("unacked")
+
+    try:
+        ids = [f"ntf_{uuid.uuid4().hex}" for _ in range(args.messages)]
+        started = time.time()
+
+        def enqueue() -> None:
+            for i, nid in enumerate(ids):
+                send_notification.delay(nid, f"+22170{i:07d}", f"Nouvelle course #{i}: 12 000 FCFA")
+
+        enqueued = asyncio.create_task(asyncio.to_thread(enqueue))
+        outcome = Outcome("Celery + Redis", scenario(kill, args), args.messages, started, ids)
+        deadline = time.monotonic() + args.timeout
+        killed = False
+        empty_since: float | None = None
+        while time.monotonic() < deadline:
+            unique = (await fake.get("/stats")).json()["unique"]
+            if kill and not killed and unique >= args.kill_at * args.messages:
+                sigkill(workers.process)
+                killed = True
+                outcome.in_flight_at_kill = held()[1]
+                await workers.start()
+            if enqueued.done() and held() == (0, 0):
+                # Redis holds nothing: done, or (if ids are missing) nothing will ever send them; a message
+                # between BRPOP and the unacked set is invisible for an instant, hence the grace period
+                empty_since = empty_since or time.monotonic()
+                if unique >= args.messages or time.monotonic() - empty_since > 3:
+                    outcome.finished = True
+                    break
+            else:
+                empty_since = None
+            await asyncio.sleep(0.05)
+        await enqueued
+        outcome.stats = (await fake.get("/stats", params={"ids": 1, "times": 1})).json()
+        waiting, unacked = held()
+        if waiting or unacked:
+            outcome.notes.append(f"still held by Redis: {waiting} queued, {unacked} unacked")
+        outcome.notes.append(f"pool {celery_pool(args)}")
+        return outcome
+    finally:
+        if workers.process is not None:
+            shutdown(workers.process)
+        broker.flushdb()
+        broker.close()
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def celery_pool(args: argparse.Namespace) -> str:
+    return f"threads × {args.concurrency}" if args.celery_pool == "threads" else f"prefork × {args.processes}"
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def scenario(kill: bool, args: argparse.Namespace) -> str:
+    return f"SIGKILL at {args.kill_at:.0%}, restart" if kill else "undisturbed"
+
+
+def fmt_s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f} s"
+
+
+def fmt_rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:,.0f}/s"
+
+
+def row(o: Outcome) -> str:
+    calls = o.stats.get("calls", 0)
+    failed = o.stats.get("failed", 0)
+    lost = f"{o.lost} {'✅' if o.lost == 0 else '❌'}"
+    reached = " / ".join(
+        "-" if (t := o.delivered_by(share)) is None else f"{t:.2f}" for share in (0.8, 0.99, 1.0)
+    )
+    flight = "" if o.in_flight_at_kill is None else f"{o.in_flight_at_kill} in flight at the kill"
+    notes = "; ".join(
+        ([flight] if flight else [])
+        + o.notes
+        + ([o.lost_detail] if o.lost else [])
+        + ([] if o.finished else ["NOT FINISHED: --timeout reached"])
+    )
+    return (
+        f"| {o.system} | {o.scenario} | {o.messages:,} | {fmt_s(o.end_to_end)} | "
+        f"{fmt_rate(o.completion_rate)} | {fmt_rate(o.sustained_rate)} | {reached} | "
+        f"{calls:,} / {failed:,} | {lost} | {o.duplicates} | {notes} |"
+    )
+
+
+def ratio(ours: float | None, theirs: float | None) -> str:
+    if not ours or not theirs:
+        return "-"
+    value = ours / theirs
+    return f"{value:.2f}× {'✅' if value >= 2 else '❌'}"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="500 messages instead of 2000")
+    parser.add_argument("--messages", type=int, help="messages per run (overrides --quick)")
+    parser.add_argument("--fail-rate", type=float, default=0.2, help="share of calls failing (503)")
+    parser.add_argument("--latency-ms", type=float, default=5.0, help="fake server latency per call")
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="dispatchd sends in flight (and Celery threads)"
+    )
+    parser.add_argument("--celery-pool", choices=["prefork", "threads"], default="prefork")
+    parser.add_argument("--processes", type=int, default=16, help="Celery prefork pool size")
+    parser.add_argument("--kill-at", type=float, default=0.4, help="share delivered before SIGKILL")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per run")
+    parser.add_argument("--seed", type=int, default=4, help="seed of the fake's failure draw")
+    parser.add_argument("--skip-kill", action="store_true", help="only the undisturbed runs")
+    parser.add_argument(
+        "--systems", choices=["both", "dispatchd", "celery"], default="both", help="which systems to run"
+    )
+    args = parser.parse_args()
+    args.messages = args.messages or (500 if args.quick else 2000)
+    configure_logging("WARNING")
+    load_before = load()
+
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="bench-notifications-") as folder:
+        logs = Path(folder)
+        port = free_port()
+        fake_log = logs / "fake.log"
+        fake_process = spawn(
+            [sys.executable, "-m", "bench.fake_whatsapp", "--port", str(port),
+             "--fail-rate", str(args.fail_rate), "--latency-ms", str(args.latency_ms),
+             "--seed", str(args.seed)],
+            fake_log,
+        )  # fmt: skip
+        fake_url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_for(lambda: http_ok(f"{fake_url}/stats"), 20, "fake server", fake_process, fake_log)
+            async with (
+                httpx.AsyncClient(base_url=fake_url, timeout=30) as fake,
+                fresh_database("postgres") as database_url,
+            ):
+                for kill in [False] if args.skip_kill else [False, True]:
+                    if args.systems in ("both", "dispatchd"):
+                        outcomes.append(await run_dispatchd(database_url, fake, args, kill, logs))
+                    if args.systems in ("both", "celery"):
+                        outcomes.append(await run_celery(fake, args, kill, logs))
+        finally:
+            shutdown(fake_process)
+
+    print(f"machine: {machine()}")
+    print(f"load average (1, 5, 15 min) before: {load_before}, after: {load()}")
+    print(f"PostgreSQL {await postgres_version()}, Redis at {REDIS_URL}")
+    print(
+        f"fake WhatsApp Cloud API: {args.fail_rate:.0%} of calls fail (503, Meta 131000), "
+        f"{args.latency_ms:g} ms per answer; dispatchd: {args.concurrency} sends in flight, "
+        f"Celery: pool {celery_pool(args)}"
+    )
+    print()
+    print(
+        "| system | scenario | messages | end-to-end | completion rate | sustained rate (10 %→70 % of ids) "
+        "| 80 % / 99 % / 100 % of ids after (s) | calls / 503s | lost | duplicates | notes |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for outcome in outcomes:
+        print(row(outcome))
+    if args.systems != "both":
+        return
+    ours, theirs = outcomes[0], outcomes[1]
+    print(
+        f"| dispatchd ÷ Celery | undisturbed | | | {ratio(ours.completion_rate, theirs.completion_rate)} "
+        f"| {ratio(ours.sustained_rate, theirs.sustained_rate)} | | | | | goal ≥ 2×, 0 lost |"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
