@@ -14,18 +14,14 @@ from typing import Any
 import httpx
 
 from dispatchd.notifications.channels.base import ChannelError, OutboundMessage, SendResult
+from dispatchd.notifications.channels.http import RAW_MAX, HttpChannel
 from dispatchd.notifications.classify import classify_transport, classify_wachap, wachap_error_message
 
-RAW_MAX = 2000
-REDACTED = "[REDACTED]"
 #: ``status`` values of a failed answer (compared lower-cased; ``false`` also as a JSON boolean).
 ERROR_STATUSES = frozenset({"error", "failed", "fail", "false"})
 
 
-_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-
-
-class WaChapChannel:
+class WaChapChannel(HttpChannel):
     """Sends one text message per call. When ``http`` is given the caller owns it (``aclose`` leaves it
     open); ``timeout_s`` bounds each request, in seconds."""
 
@@ -41,18 +37,11 @@ class WaChapChannel:
         timeout_s: float = 10.0,
     ) -> None:
         self._url = api_url
-        self._token = access_token
         self._instance_id = instance_id
-        self._timeout_s = timeout_s
-        self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s, limits=_LIMITS)
+        super().__init__(access_token, http=http, timeout_s=timeout_s)
 
     def __repr__(self) -> str:
         return f"WaChapChannel(url={self._url!r}, instance_id={self._instance_id!r})"
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST the message; return the provider id when the answer carries one, or raise
@@ -89,9 +78,6 @@ class WaChapChannel:
             classify_wachap(response.status_code, body, response.headers),
             raw=self._scrub(response.text)[:RAW_MAX],
         )
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._token, REDACTED) if self._token else text
 
 
 def _is_error_status(status: object) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from dispatchd.notifications.channels.base import ChannelError, OutboundMessage, SendResult
+from dispatchd.notifications.channels.http import RAW_MAX, HttpChannel
 from dispatchd.notifications.classify import (
     classify_http,
     classify_transport,
@@ -28,15 +29,10 @@ INTERACTIVE_BODY_MAX = 1024
 BUTTON_TITLE_MAX = 20
 BUTTON_ID_MAX = 256
 BUTTONS_MAX = 3
-RAW_MAX = 2000
-REDACTED = "[REDACTED]"
 DEFAULT_TEMPLATE_LANGUAGE = "en_US"
 
 
-_LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-
-
-class WhatsAppCloudChannel:
+class WhatsAppCloudChannel(HttpChannel):
     """Sends one message per call to ``{base_url}/{phone_number_id}/messages``.
 
     ``base_url`` pins the Graph API version (e.g. ``https://graph.facebook.com/v21.0``). When ``http`` is
@@ -55,18 +51,10 @@ class WhatsAppCloudChannel:
         timeout_s: float = 10.0,
     ) -> None:
         self._url = f"{base_url.rstrip('/')}/{phone_number_id}/messages"
-        self._token = access_token
-        self._timeout_s = timeout_s
-        self._owns_http = http is None
-        # keep-alive for every connection in flight: without it, sends past 20 at once reconnect each time
-        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s, limits=_LIMITS)
+        super().__init__(access_token, http=http, timeout_s=timeout_s)
 
     def __repr__(self) -> str:
         return f"WhatsAppCloudChannel(url={self._url!r})"
-
-    async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """POST the message; return its ``wamid`` or raise :class:`ChannelError` (classified)."""
@@ -102,9 +90,6 @@ class WhatsAppCloudChannel:
             classify_http(response.status_code, body, response.headers),
             raw=self._scrub(response.text)[:RAW_MAX],
         )
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._token, REDACTED) if self._token else text
 
 
 def build_payload(message: OutboundMessage) -> dict[str, Any]:
