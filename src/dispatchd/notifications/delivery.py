@@ -54,11 +54,6 @@ from dispatchd.notifications.models import OPEN_STATUSES, Notification, Notifica
 log = get_logger("dispatchd.notifications.delivery")
 
 
-def backoff_s(attempts: int) -> float:
-    """Informational schedule without jitter: 30 min × 2^(attempts-1), capped at 24 h (seed 004)."""
-    return min(policy.INFORMATIONAL.cap_s, policy.INFORMATIONAL.base_s * 2 ** max(0, attempts - 1))
-
-
 def is_email(recipient: str) -> bool:
     return "@" in recipient
 

@@ -383,11 +383,7 @@ class ReservationService:
         return CommitOutcome(None, outcome["refusal"], outcome["detail"], replayed=True)
 
     async def get_reservation(self, reservation_id: str) -> Reservation:
-        async with self.db.read() as session:
-            reservation = await session.get(Reservation, reservation_id)
-        if reservation is None:
-            raise NotFound(f"reservation {reservation_id} not found")
-        return reservation
+        return await self._read(Reservation, reservation_id, "reservation")
 
     @retry_transient
     async def cancel(self, reservation_id: str) -> Reservation:
@@ -483,11 +479,15 @@ class ReservationService:
         return entry
 
     async def get_entry(self, entry_id: str) -> WaitingListEntry:
+        return await self._read(WaitingListEntry, entry_id, "waiting list entry")
+
+    async def _read(self, model: type, row_id: str, label: str):
+        """One row by primary key, or :class:`NotFound` (NOT_FOUND) naming it."""
         async with self.db.read() as session:
-            entry = await session.get(WaitingListEntry, entry_id)
-        if entry is None:
-            raise NotFound(f"waiting list entry {entry_id} not found")
-        return entry
+            row = await session.get(model, row_id)
+        if row is None:
+            raise NotFound(f"{label} {row_id} not found")
+        return row
 
     @retry_transient
     async def leave_waiting_list(self, entry_id: str) -> WaitingListEntry:
