@@ -37,6 +37,7 @@ POSTGRES_URL = os.environ.get(
     "DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
 TABLES = [
+    "recipient_pacing",
     "inbound_messages",
     "alert_state",
     "audit_log",

@@ -164,6 +164,7 @@ async def test_cancel_during_broadcast_closes_offers_and_silences_deadlines(serv
     drivers = [await matching.create_driver(driver_data()) for _ in range(3)]
     booking = await matching.create_booking(booking_data())
     await matching.start_matching(booking.id)
+    await services.delivery.run_once()  # the offers reach the drivers' phones
     await matching.respond(booking.id, drivers[0].id, "REJECT")
 
     cancelled = await matching.cancel(booking.id, "customer changed plans")
@@ -177,7 +178,7 @@ async def test_cancel_during_broadcast_closes_offers_and_silences_deadlines(serv
 
     clock.advance(600)
     handled = await services.sweeper.run_once()
-    assert handled == {"offer_expiry": 0, "search_expiry": 0, "escalation": 0, "waiting_list_hold": 0}
+    assert handled == {"offer_expiry": 0, "search_expiry": 0, "escalation": 0, "waiting_list_hold": 0, "notification_expiry": 0}
     assert await _messages(services, "customer_no_driver") == []
     assert (await matching.respond(booking.id, drivers[1].id, "ACCEPT")).action is Action.BOOKING_CANCELLED
     assert (await matching.get_booking(booking.id)).status == "CANCELLED"

@@ -53,6 +53,7 @@ async def test_first_accept_wins_and_only_offered_drivers_hear_it_was_taken(serv
     offered = [await matching.create_driver(driver_data()) for _ in range(3)]
     booking = await matching.create_booking(booking_data())
     await matching.start_matching(booking.id)
+    await services.delivery.run_once()  # the offers reach the drivers' phones
     late = await matching.create_driver(driver_data())  # available, but never offered this booking
 
     first = await matching.respond(booking.id, offered[0].id, "ACCEPT")

@@ -31,9 +31,9 @@ from dispatchd.core.errors import DispatchdError, problem
 from dispatchd.core.logging import get_logger
 from dispatchd.core.sweeper import Deadline, Sweeper
 from dispatchd.deps import PrincipalCache, principal
-from dispatchd.matching import deadlines
+from dispatchd.matching import deadlines, messages
 from dispatchd.matching import router as matching_router
-from dispatchd.matching.service import MatchingConfig, MatchingService
+from dispatchd.matching.service import Category, MatchingConfig, MatchingService
 from dispatchd.notifications import router as notifications_router
 from dispatchd.notifications import webhooks
 from dispatchd.notifications.alerts import AlertMonitor
@@ -105,7 +105,12 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         lease_s=settings.delivery_lease_s,
         recipient_interval_s=settings.recipient_interval_s,
         templates=settings.whatsapp_templates,
+        coalescers={
+            Category.DRIVER_OFFER: messages.combine_offers,
+            Category.OFFER_TAKEN: messages.combine_taken,
+        },
     )
+    sweeper.register(Deadline("notification_expiry", delivery.expire_due, delivery.oldest_due_expiry))
     alerts = AlertMonitor(
         db,
         delivery.breakers,

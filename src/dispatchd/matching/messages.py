@@ -1,10 +1,25 @@
-"""Message texts of seed 000 §5.2 and §7.1 (French, as the customers and drivers read them)."""
+"""Message texts of seed 000 §5.2 and §7.1 (French, as the customers and drivers read them), and how a
+paced driver's open offers (or "course prise" notices) become one WhatsApp message.
+
+WhatsApp limits (Cloud API "Messages" reference): an interactive message has at most 3 reply buttons
+(title ≤ 20 characters) or one list of at most 10 rows (title ≤ 24, description ≤ 72 characters).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from dispatchd.matching.models import Booking, Driver
+from dispatchd.notifications.channels.base import OutboundMessage
+from dispatchd.notifications.outbox import Combined
+
+#: Offers one message carries at most (a WhatsApp list holds 10 rows); the farther ones wait their turn.
+OFFERS_PER_MESSAGE_MAX = 10
+#: Reply buttons per message (WhatsApp allows 3); more offers go in a list.
+BUTTONS_MAX = 3
+#: Notices one "courses prises" message names at most (the rest are counted).
+NOTICES_LISTED_MAX = 15
 
 
 def _when(value: datetime | None) -> str:
@@ -92,3 +107,62 @@ def booking_cancelled_customer(booking: Booking) -> str:
     return (
         f"🚫 *COURSE ANNULÉE*\n\nVotre course {booking.pickup_address} → {booking.drop_address} est annulée."
     )
+
+
+def trip_line(booking: Booking) -> str:
+    """``"<pickup> → <drop>"``: how a booking is named in a list."""
+    return f"{booking.pickup_address} → {booking.drop_address}"
+
+
+def _distance(km: float | None) -> str:
+    return f"{km:.1f} km" if km is not None else "distance inconnue"
+
+
+def combine_offers(offers: Sequence[OutboundMessage]) -> Combined:
+    """One message for a driver's open offers: the nearest first (then the oldest), at most
+    :data:`OFFERS_PER_MESSAGE_MAX`; one ACCEPTER button per offer up to 3, else a list. Each offer's
+    ``payload`` holds ``booking_id``, ``trip`` and ``distance_km`` (see ``MatchingService``); the tap
+    answers ``ACCEPT:<booking_id>`` as a single offer's button does."""
+    ranked = sorted(
+        enumerate(offers),
+        key=lambda item: (
+            (item[1].payload or {}).get("distance_km") is None,
+            (item[1].payload or {}).get("distance_km") or 0.0,
+            item[0],
+        ),
+    )
+    chosen = [offer for _, offer in ranked[:OFFERS_PER_MESSAGE_MAX]]
+    lines = []
+    choices = []
+    for number, offer in enumerate(chosen, start=1):
+        data = offer.payload or {}
+        distance = _distance(data.get("distance_km"))
+        lines.append(f"{number}. 📍 {data.get('trip', '')} · {distance}")
+        choices.append((f"ACCEPT:{data.get('booking_id')}", number, distance, str(data.get("trip", ""))))
+    body = (
+        f"🚕 *{len(chosen)} COURSES DISPONIBLES*\n\n"
+        + "\n".join(lines)
+        + "\n\nLa première acceptation l'emporte : touchez ACCEPTER pour la course choisie."
+    )
+    payload: dict = {"booking_ids": [(offer.payload or {}).get("booking_id") for offer in chosen]}
+    if len(choices) <= BUTTONS_MAX:
+        payload["buttons"] = [{"id": id_, "title": f"ACCEPTER {number}"} for id_, number, _, _ in choices]
+    else:
+        payload["list"] = {
+            "button": "Choisir une course",
+            "rows": [
+                {"id": id_, "title": f"{number}. {distance}"[:24], "description": trip[:72]}
+                for id_, number, distance, trip in choices
+            ],
+        }
+    return Combined(tuple(offer.id for offer in chosen), body, payload)
+
+
+def combine_taken(notices: Sequence[OutboundMessage]) -> Combined:
+    """One "courses prises" message for a driver's queued notices (each ``payload["trip"]``)."""
+    trips = [str((notice.payload or {}).get("trip", "")) for notice in notices]
+    listed = "\n".join(f"- {trip}" for trip in trips[:NOTICES_LISTED_MAX])
+    more = len(trips) - NOTICES_LISTED_MAX
+    tail = f"\n… et {more} autres" if more > 0 else ""
+    body = f"ℹ️ *COURSES PRISES*\n\nPrises par d'autres chauffeurs :\n{listed}{tail}"
+    return Combined(tuple(notice.id for notice in notices), body, {})

@@ -43,7 +43,8 @@ from dispatchd.matching.models import (
     PriorityMode,
 )
 from dispatchd.notifications import outbox
-from dispatchd.notifications.outbox import Message
+from dispatchd.notifications.outbox import Cancellation, Message
+from dispatchd.notifications.policy import Priority
 
 log = get_logger("dispatchd.matching")
 
@@ -465,6 +466,8 @@ class MatchingService:
                         payload={
                             "booking_id": booking.id,
                             "offer_id": offer["id"],
+                            "trip": messages.trip_line(booking),
+                            "distance_km": c.distance_km,
                             "buttons": [
                                 {"id": f"ACCEPT:{booking.id}", "title": "ACCEPTER"},
                                 {"id": f"REJECT:{booking.id}", "title": "REFUSER"},
@@ -605,6 +608,18 @@ class MatchingService:
             .where(MatchingMetrics.booking_id == booking.id)
             .values(total_drivers_responded=MatchingMetrics.total_drivers_responded + 1)
         )
+        phone = await session.scalar(select(Driver.phone).where(Driver.id == offer.driver_id))
+        await outbox.cancel(
+            session,
+            [
+                Cancellation(
+                    "driver answered",
+                    (Category.DRIVER_OFFER,),
+                    subject=_booking_topic(booking.id),
+                    recipients=(phone,),
+                )
+            ],
+        )
         events.append(
             session,
             _booking_topic(booking.id),
@@ -691,8 +706,23 @@ class MatchingService:
                 BookingOffer.booking_id == booking_id, BookingOffer.response == OfferResponse.TIMEOUT.value
             )
         )
-        # Drivers who still see the offer (open or timed out) learn it is gone; those who refused do not.
+        driver = await self._driver_or_404(session, driver_id)
+        topic = _booking_topic(booking_id)
+        # Moot now, cancelled with the change that makes them so: this booking's unsent offers, the
+        # winner's unsent offers for other bookings (a busy driver cannot take them), and the customer's
+        # "recherche en cours" if it has not left yet.
+        await outbox.cancel(
+            session,
+            [
+                Cancellation("booking assigned", (Category.DRIVER_OFFER,), subject=topic),
+                Cancellation("driver busy", (Category.DRIVER_OFFER,), recipients=(driver.phone,)),
+                Cancellation("driver found", (Category.CUSTOMER_SEARCH_STARTED,), subject=topic),
+            ],
+        )
+        # Drivers who saw the offer (open or timed out) learn it is gone; those who refused, and those
+        # whose offer never left the outbox, do not.
         told = sorted({*taken, *timed_out.all()})
+        handed = await outbox.handed_recipients(session, subject=topic, category=Category.DRIVER_OFFER)
         metrics.OFFER_OUTCOMES.labels(OfferResponse.ACCEPTED.value).inc()
         started = booking.search_started_at or now
         time_to_match = (now - started).total_seconds()
@@ -706,7 +736,7 @@ class MatchingService:
                 final_status=FinalStatus.MATCHED.value,
             )
         )
-        driver = await self._driver_or_404(session, driver_id)
+        trip = messages.trip_line(booking)
         await outbox.enqueue(
             session,
             [
@@ -714,17 +744,19 @@ class MatchingService:
                     recipient=booking.customer_phone,
                     category=Category.CUSTOMER_DRIVER_FOUND,
                     body=messages.driver_found(driver),
-                    subject=_booking_topic(booking_id),
+                    subject=topic,
                 ),
                 *(
                     Message(
                         recipient=phone,
                         category=Category.OFFER_TAKEN,
                         body=messages.booking_taken(booking),
-                        subject=_booking_topic(booking_id),
+                        subject=topic,
+                        payload={"booking_id": booking_id, "trip": trip},
                         expires_at=now + timedelta(seconds=self.config.offer_timeout_s),  # never late
                     )
                     for phone in (await self._phones(session, told) if told else [])
+                    if phone in handed
                 ),
             ],
         )
@@ -815,7 +847,9 @@ class MatchingService:
             await session.refresh(booking)
             notices: list[Message] = []
             if previous is BookingStatus.SEARCHING:
-                notices += await self._close_open_offers(session, booking, tell_drivers=True)
+                notices += await self._close_open_offers(
+                    session, booking, tell_drivers=True, reason="booking cancelled"
+                )
                 await self._finish_metrics(session, booking_id, FinalStatus.CANCELLED)
             if previous is BookingStatus.ASSIGNED and booking.driver_id:
                 driver = await self._release_driver(session, booking)
@@ -825,6 +859,7 @@ class MatchingService:
                         category=Category.OFFER_CANCELLED,
                         body=messages.booking_cancelled_driver(booking),
                         subject=_booking_topic(booking_id),
+                        priority=Priority.NORMAL,  # their own trip, not a notice about someone else's
                     )
                 )
             notices.append(
@@ -888,22 +923,32 @@ class MatchingService:
         return driver
 
     async def _close_open_offers(
-        self, session: AsyncSession, booking: Booking, *, tell_drivers: bool
+        self, session: AsyncSession, booking: Booking, *, tell_drivers: bool, reason: str
     ) -> list[Message]:
-        """Open offers → CANCELLED; return the messages telling their drivers (when asked)."""
+        """Open offers → CANCELLED; their queued offer messages and the customer's unsent "recherche en
+        cours" are cancelled as moot (``reason``); return the messages telling the drivers who actually
+        received the offer (when asked)."""
         closed = await self._close_offers(session, booking.id, OfferResponse.CANCELLED)
         for driver_id in closed:
             events.append(session, _driver_topic(driver_id), "OfferCancelled", {"booking_id": booking.id})
+        topic = _booking_topic(booking.id)
+        await outbox.cancel(
+            session,
+            [Cancellation(reason, (Category.DRIVER_OFFER, Category.CUSTOMER_SEARCH_STARTED), subject=topic)],
+        )
         if not tell_drivers or not closed:
             return []
+        handed = await outbox.handed_recipients(session, subject=topic, category=Category.DRIVER_OFFER)
         return [
             Message(
                 recipient=phone,
                 category=Category.OFFER_CANCELLED,
                 body=messages.booking_cancelled_driver(booking),
-                subject=_booking_topic(booking.id),
+                subject=topic,
+                payload={"booking_id": booking.id, "trip": messages.trip_line(booking)},
             )
             for phone in await self._phones(session, closed)
+            if phone in handed
         ]
 
     async def _close_offers(
@@ -988,7 +1033,7 @@ class MatchingService:
                 booking.finished_at = booking.updated_at = now
                 booking.next_wave_at = None
                 await session.flush()
-                await self._close_open_offers(session, booking, tell_drivers=False)
+                await self._close_open_offers(session, booking, tell_drivers=False, reason="search timed out")
                 await self._finish_metrics(session, booking.id, FinalStatus.TIMEOUT)
                 admins = self.config.admin_phones or ("admin",)
                 await outbox.enqueue(

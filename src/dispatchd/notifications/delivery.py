@@ -1,4 +1,4 @@
-"""The delivery worker: claims due outbox rows with a lease, sends them, records the outcome (issue 3).
+"""The delivery worker: claims due outbox rows with a lease, sends them, records the outcome (issue 3, 7).
 
 Claim: one transaction moves due rows (PENDING, FAILED whose retry is due, or SENDING whose lease ran
 out) to SENDING with ``next_attempt_at = now + lease`` and ``attempts + 1`` (``FOR UPDATE SKIP LOCKED``
@@ -10,15 +10,24 @@ claimed again when the lease ends, and may then reach the recipient twice (Whats
 client-supplied idempotency key). Our side never *creates* a duplicate: rows are written once, with the
 change that causes them (or once per ``Idempotency-Key`` through the API).
 
+Order at a peak (DESIGN.md "The outbox at a real peak"):
+- claims go by ``priority`` first (admin alerts, then customers, then driver offers, then notices), then
+  by ``next_attempt_at``: a customer is never behind a broadcast;
+- per-recipient pacing: a phone gets at most one message per ``recipient_interval_s`` (Meta allows
+  about one per 6 s to a user). The claim query leaves out phones whose slot is taken
+  (:mod:`dispatchd.notifications.pacing`), so paced rows never hold the head of the queue; they wait,
+  they do not fail;
+- coalescing: when a phone's slot comes, the open rows of a category that has a *coalescer* (driver
+  offers) go out as one message built by it; the rows it carries are recorded with the carrier's outcome;
+- expiry is a deadline: :meth:`DeliveryWorker.expire_due` (run by the sweeper) expires every row past
+  ``expires_at`` in bulk, and a claim never takes one.
+
 Never hammering:
 - each lane (phone channel, email, fallback) has a :class:`CircuitBreaker`; while it is open nothing is
   claimed, so no attempt is burned; a probe that fails gives its attempt back;
 - auth failures (``opens_circuit``) are failures of the channel, not of the message: the message keeps
   its attempt and waits for the circuit to close;
-- a lane drains at most ``rate`` messages (``limits`` syntax, default Meta's 80/second), in
-  ``next_attempt_at`` order;
-- per-recipient pacing: a phone gets at most one message per ``recipient_interval_s`` (Meta allows
-  about one per 6 s to a user); later messages wait, they do not fail.
+- a lane drains at most ``rate`` messages (``limits`` syntax, default Meta's 80/second).
 """
 
 from __future__ import annotations
@@ -34,12 +43,13 @@ from typing import Any
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
-from sqlalchemy import ColumnElement, func, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import metrics
 from dispatchd.core.db import Database
 from dispatchd.core.logging import get_logger
-from dispatchd.notifications import policy
+from dispatchd.notifications import pacing, policy
 from dispatchd.notifications.breaker import CircuitBreaker
 from dispatchd.notifications.channels.base import (
     Channel,
@@ -50,12 +60,9 @@ from dispatchd.notifications.channels.base import (
     SendResult,
 )
 from dispatchd.notifications.models import OPEN_STATUSES, Notification, NotificationStatus
+from dispatchd.notifications.outbox import UNSENT_STATUSES, Coalescer, Combined
 
 log = get_logger("dispatchd.notifications.delivery")
-
-
-def is_email(recipient: str) -> bool:
-    return "@" in recipient
 
 
 @dataclass
@@ -72,15 +79,54 @@ class Lane:
 
 
 @dataclass(frozen=True)
-class _Claimed:
-    message: OutboundMessage
+class _Member:
+    """One outbox row inside a claimed message, with what recording its outcome needs."""
+
+    id: str
     attempts: int
     expires_at: datetime | None
+    body: str
     payload: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    message: OutboundMessage
+    members: tuple[_Member, ...]
+
+
+def _expirable(now: datetime) -> ColumnElement[bool]:
+    """Rows past ``expires_at`` that nobody is sending (a SENDING row whose lease ran out counts)."""
+    return and_(
+        Notification.expires_at <= now,
+        or_(
+            Notification.status.in_(UNSENT_STATUSES),
+            (Notification.status == NotificationStatus.SENDING.value) & (Notification.next_attempt_at <= now),
+        ),
+    )
+
+
+def _due(now: datetime) -> ColumnElement[bool]:
+    """Rows a claim may take now: open, due, not expired."""
+    return and_(
+        Notification.status.in_([s.value for s in OPEN_STATUSES]),
+        Notification.next_attempt_at <= now,
+        or_(Notification.expires_at.is_(None), Notification.expires_at > now),
+    )
+
+
+def _outbound(row: Notification) -> OutboundMessage:
+    payload = dict(row.payload) if row.payload else None
+    return OutboundMessage(
+        row.id, row.recipient, row.category, row.body, payload, template=(payload or {}).get("template")
+    )
+
+
 class DeliveryWorker:
-    """Sends the outbox through its lanes, at most ``concurrency`` rows per claim, all at once."""
+    """Sends the outbox through its lanes, at most ``concurrency`` messages per claim, all at once.
+
+    ``coalescers`` maps a category to the function that merges a paced recipient's open rows of that
+    category into one message (the domain that writes them provides it)."""
 
     def __init__(
         self,
@@ -94,6 +140,7 @@ class DeliveryWorker:
         loops: int = 1,
         recipient_interval_s: float = 0.0,
         templates: Mapping[str, Mapping[str, Any]] | None = None,
+        coalescers: Mapping[str, Coalescer] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.db = db
@@ -109,8 +156,10 @@ class DeliveryWorker:
         self.lease_s = lease_s
         self.recipient_interval_s = recipient_interval_s
         self.templates = dict(templates or {})
+        self.coalescers = dict(coalescers or {})
         self.rng = rng or random.Random()
         self.wake = asyncio.Event()
+        self._slots_forgotten_at: datetime | None = None
         db.after_commit.append(self._on_commit)
 
     @property
@@ -135,91 +184,121 @@ class DeliveryWorker:
             limit = min(limit, stats.remaining)
         return limit
 
+    # ------------------------------------------------------------------------------------------ claim
+
     async def _claim(self, lane: Lane | None = None) -> list[_Claimed]:
+        """Take up to the lane's capacity of messages: by priority, one per paced phone whose slot is
+        free (the slot is taken here), each with the open rows its coalescer merges into it."""
         lane = lane or self.lanes[0]
         limit = await self._capacity(lane)
         if limit <= 0:
             return []
         async with self.db.transaction() as session:
             now: datetime = session.info["now"]
-            due = (
-                select(Notification)
-                .where(
-                    Notification.status.in_([s.value for s in OPEN_STATUSES]),
-                    Notification.next_attempt_at <= now,
-                    lane.where,
+            leads = await self._leads(session, lane, now, limit)
+            if self.recipient_interval_s and leads:
+                free = await pacing.take_slots(
+                    session, (row.recipient for row in leads), now, self.recipient_interval_s
                 )
-                .order_by(Notification.next_attempt_at, Notification.id)
-                .limit(limit * 4 if self.recipient_interval_s else limit)
-                .with_for_update(skip_locked=True)
-            )
-            rows = list((await session.scalars(due)).all())
-            rows = await self._paced(session, rows, now, limit)
-            claimed: list[_Claimed] = []
-            for row in rows:
-                if row.expires_at is not None and row.expires_at <= now:
-                    row.status = NotificationStatus.EXPIRED.value
-                    row.next_attempt_at = None
-                    metrics.NOTIFICATIONS.labels(lane.channel.name, "expired", "").inc()
-                    continue
-                row.status = NotificationStatus.SENDING.value
-                row.attempts += 1
-                row.channel = lane.channel.name
-                row.next_attempt_at = now + timedelta(seconds=self.lease_s)
-                payload = dict(row.payload) if row.payload else None
-                claimed.append(
-                    _Claimed(
-                        OutboundMessage(
-                            row.id,
-                            row.recipient,
-                            row.category,
-                            row.body,
-                            payload,
-                            template=(payload or {}).get("template"),
-                        ),
-                        row.attempts,
-                        row.expires_at,
-                        payload,
-                    )
-                )
+                leads = [row for row in leads if not pacing.is_paced(row.recipient) or row.recipient in free]
+            claimed = [
+                self._start(lane, group, combined, now)
+                for group, combined in await self._groups(session, leads, now)
+            ]
             if claimed and lane.rate:
                 for _ in claimed:
                     await lane.limiter.hit(parse(lane.rate), lane.channel.name)
             return claimed
 
-    async def _paced(
-        self, session, rows: list[Notification], now: datetime, limit: int
+    async def _leads(
+        self, session: AsyncSession, lane: Lane, now: datetime, limit: int
     ) -> list[Notification]:
-        """Keep at most ``limit`` rows, at most one per phone, and none for a phone served too recently."""
+        """The first ``limit`` due rows in priority order, at most one per paced phone, leaving out phones
+        whose slot is taken (so the head of the queue always moves)."""
+        query = select(Notification).where(_due(now), lane.where)
+        if self.recipient_interval_s:
+            query = query.where(~pacing.held(now))
+        query = (
+            query.order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
+            .limit(limit * 4 if self.recipient_interval_s else limit)
+            .with_for_update(skip_locked=True)
+        )
+        rows = (await session.scalars(query)).all()
         if not self.recipient_interval_s:
-            return rows[:limit]
-        phones = {row.recipient for row in rows if not is_email(row.recipient)}
-        recent: set[str] = set()
-        if phones:
-            since = now - timedelta(seconds=self.recipient_interval_s)
-            busy = await session.scalars(
-                select(Notification.recipient)
-                .where(
-                    Notification.recipient.in_(phones),
-                    or_(
-                        Notification.sent_at > since,
-                        (Notification.status == NotificationStatus.SENDING.value)
-                        & (Notification.next_attempt_at > now),
-                    ),
-                )
-                .distinct()
-            )
-            recent = set(busy.all())
-        chosen: list[Notification] = []
+            return list(rows)
+        leads: list[Notification] = []
+        phones: set[str] = set()
         for row in rows:
-            if row.recipient in recent:
-                continue  # waits: pacing never fails a message
-            chosen.append(row)
-            if not is_email(row.recipient):
-                recent.add(row.recipient)
-            if len(chosen) == limit:
+            if pacing.is_paced(row.recipient):
+                if row.recipient in phones:
+                    continue  # one message per phone per slot; the next one waits for the next slot
+                phones.add(row.recipient)
+            leads.append(row)
+            if len(leads) == limit:
                 break
-        return chosen
+        return leads
+
+    async def _groups(
+        self, session: AsyncSession, leads: list[Notification], now: datetime
+    ) -> list[tuple[list[Notification], Combined | None]]:
+        """Each lead with the rows sent along with it: the recipient's other open rows of the lead's
+        category, when that category has a coalescer and more than one row is open."""
+        mergeable = [
+            row
+            for row in leads
+            if row.category in self.coalescers and not (row.payload or {}).get("template")
+        ]
+        siblings: dict[tuple[str, str], list[Notification]] = {}
+        if mergeable:
+            query = (
+                select(Notification)
+                .where(
+                    Notification.recipient.in_(sorted({row.recipient for row in mergeable})),
+                    Notification.category.in_(sorted({row.category for row in mergeable})),
+                    Notification.status.in_(UNSENT_STATUSES),
+                    Notification.id.not_in([row.id for row in leads]),
+                    or_(Notification.expires_at.is_(None), Notification.expires_at > now),
+                )
+                .order_by(Notification.created_at, Notification.id)
+                .with_for_update(skip_locked=True)
+            )
+            for row in (await session.scalars(query)).all():
+                if not (row.payload or {}).get("template"):
+                    siblings.setdefault((row.recipient, row.category), []).append(row)
+        groups: list[tuple[list[Notification], Combined | None]] = []
+        for lead in leads:
+            others = siblings.pop((lead.recipient, lead.category), []) if lead in mergeable else []
+            if not others:
+                groups.append(([lead], None))
+                continue
+            rows = {row.id: row for row in [lead, *others]}
+            combined = self.coalescers[lead.category]([_outbound(row) for row in rows.values()])
+            groups.append(([rows[row_id] for row_id in combined.ids], combined))
+        return groups
+
+    def _start(
+        self, lane: Lane, group: list[Notification], combined: Combined | None, now: datetime
+    ) -> _Claimed:
+        """Move the group's rows to SENDING under one lease; return what to send."""
+        members = []
+        for row in group:
+            row.status = NotificationStatus.SENDING.value
+            row.attempts += 1
+            row.channel = lane.channel.name
+            row.next_attempt_at = now + timedelta(seconds=self.lease_s)
+            members.append(
+                _Member(
+                    row.id, row.attempts, row.expires_at, row.body, dict(row.payload) if row.payload else None
+                )
+            )
+        message = _outbound(group[0])
+        if combined is not None:
+            message = OutboundMessage(
+                message.id, message.recipient, message.category, combined.body, combined.payload
+            )
+        return _Claimed(message, tuple(members))
+
+    # ------------------------------------------------------------------------------------- send, record
 
     async def _send(self, lane: Lane, item: _Claimed) -> tuple[_Claimed, SendResult | ChannelError]:
         started = time.perf_counter()
@@ -234,7 +313,7 @@ class DeliveryWorker:
             metrics.SEND_LATENCY.labels(lane.channel.name).observe(time.perf_counter() - started)
 
     async def run_once(self) -> int:
-        """Claim, send and record one batch per lane; return how many rows were claimed."""
+        """Claim, send and record one batch per lane; return how many messages were claimed."""
         total = 0
         for lane in self.lanes:
             probing = lane.breaker.is_probing or lane.breaker.allowance() == 1
@@ -252,30 +331,39 @@ class DeliveryWorker:
             now: datetime = session.info["now"]
             for item, outcome in outcomes:
                 if isinstance(outcome, ChannelError):
-                    values = self._after_error(lane, item, outcome, now, probing)
+                    changes = self._after_error(lane, item, outcome, now, probing)
                 else:
                     lane.breaker.record(True)
-                    metrics.NOTIFICATIONS.labels(name, "sent", "").inc()
-                    values = {
+                    metrics.NOTIFICATIONS.labels(name, "sent", "").inc(len(item.members))
+                    sent = {
                         "status": NotificationStatus.SENT.value,
                         "sent_at": now,
                         "next_attempt_at": None,
                         "provider_message_id": outcome.provider_message_id,
                     }
-                # Only the holder of the current lease may record (a re-claimed row has more attempts).
-                await session.execute(
-                    update(Notification)
-                    .where(
-                        Notification.id == item.message.id,
-                        Notification.status == NotificationStatus.SENDING.value,
-                        Notification.attempts == item.attempts,
+                    changes = [
+                        (
+                            member,
+                            {**sent, "carried_by": None if member.id == item.message.id else item.message.id},
+                        )
+                        for member in item.members
+                    ]
+                for member, values in changes:
+                    # Only the holder of the current lease may record (a re-claimed row has more attempts).
+                    await session.execute(
+                        update(Notification)
+                        .where(
+                            Notification.id == member.id,
+                            Notification.status == NotificationStatus.SENDING.value,
+                            Notification.attempts == member.attempts,
+                        )
+                        .values(**values)
                     )
-                    .values(**values)
-                )
 
     def _after_error(
         self, lane: Lane, item: _Claimed, error: ChannelError, now: datetime, probing: bool
-    ) -> dict[str, Any]:
+    ) -> list[tuple[_Member, dict[str, Any]]]:
+        """The breaker and metrics for one failed send, and each carried row's next state."""
         c = error.classification
         name = lane.channel.name
         common = {
@@ -291,35 +379,85 @@ class DeliveryWorker:
         if channel_failed:
             # the channel is down, not this message: it keeps its attempt and waits for the circuit
             lane.breaker.record(False, opens=c.opens_circuit, reason=f"{c.code}: {error}"[:200])
-            metrics.NOTIFICATIONS.labels(name, "channel_down", c.kind.value).inc()
-            return {
-                **common,
-                "status": NotificationStatus.FAILED.value,
-                "attempts": item.attempts - 1,
-                "next_attempt_at": now,
-            }
+            metrics.NOTIFICATIONS.labels(name, "channel_down", c.kind.value).inc(len(item.members))
+            return [
+                (
+                    member,
+                    {
+                        **common,
+                        "status": NotificationStatus.FAILED.value,
+                        "attempts": member.attempts - 1,
+                        "next_attempt_at": now,
+                    },
+                )
+                for member in item.members
+            ]
         lane.breaker.record(c.kind not in (ErrorKind.TEMPORARY, ErrorKind.UNKNOWN))
+        return [
+            (member, {**common, **self._next_state(name, item, member, c, now)}) for member in item.members
+        ]
+
+    def _next_state(
+        self, name: str, item: _Claimed, member: _Member, c: Classification, now: datetime
+    ) -> dict[str, Any]:
+        category = item.message.category
         if c.kind is ErrorKind.WINDOW_CLOSED:
-            template = self.templates.get(item.message.category)
-            if template and not item.message.template:
+            template = self.templates.get(category)
+            if template and not (member.payload or {}).get("template"):
                 metrics.NOTIFICATIONS.labels(name, "template", c.kind.value).inc()
-                parameters = [item.message.body[:1000]] if template.get("body_parameter", True) else []
-                payload = {**(item.payload or {}), "template": {**template, "parameters": parameters}}
+                parameters = [member.body[:1000]] if template.get("body_parameter", True) else []
+                payload = {**(member.payload or {}), "template": {**template, "parameters": parameters}}
                 return {
-                    **common,
                     "status": NotificationStatus.PENDING.value,
                     "next_attempt_at": now,
                     "payload": payload,
                 }
-        decision = policy.after_failure(
-            item.message.category, item.attempts, c, now, item.expires_at, self.rng
-        )
+        decision = policy.after_failure(category, member.attempts, c, now, member.expires_at, self.rng)
         outcome = {
             NotificationStatus.FAILED: "retry",
             NotificationStatus.EXPIRED: "expired",
         }.get(decision.status, "failed")
         metrics.NOTIFICATIONS.labels(name, outcome, c.kind.value).inc()
-        return {**common, "status": decision.status.value, "next_attempt_at": decision.next_attempt_at}
+        return {"status": decision.status.value, "next_attempt_at": decision.next_attempt_at}
+
+    # ------------------------------------------------------------------------------------------ expiry
+
+    async def expire_due(self, db: Database, limit: int) -> int:
+        """Sweeper handler: rows past ``expires_at`` that nobody is sending → EXPIRED, in bulk, whatever
+        pacing or priority say (no PENDING row outlives its expiry by more than a sweep). Also forgets
+        pacing slots that ended long ago. Returns how many rows expired."""
+        async with db.transaction() as session:
+            now: datetime = session.info["now"]
+            ids = list(
+                (
+                    await session.scalars(
+                        select(Notification.id)
+                        .where(_expirable(now))
+                        .order_by(Notification.expires_at)
+                        .limit(limit)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).all()
+            )
+            if ids:
+                await session.execute(
+                    update(Notification)
+                    .where(Notification.id.in_(ids), _expirable(now))
+                    .values(status=NotificationStatus.EXPIRED.value, next_attempt_at=None)
+                    .execution_options(synchronize_session=False)
+                )
+                metrics.NOTIFICATIONS.labels("outbox", "expired", "").inc(len(ids))
+            forgotten = self._slots_forgotten_at
+            if forgotten is None or now - forgotten >= timedelta(seconds=60):
+                self._slots_forgotten_at = now
+                await pacing.forget_old_slots(session, now)
+            return len(ids)
+
+    async def oldest_due_expiry(self, session: AsyncSession, now: datetime) -> datetime | None:
+        """The earliest ``expires_at`` not yet applied (the sweeper's lag for this deadline)."""
+        return await session.scalar(select(func.min(Notification.expires_at)).where(_expirable(now)))
+
+    # ------------------------------------------------------------------------------------------ backlog
 
     async def backlog(self) -> tuple[int, datetime | None]:
         """``(rows waiting, created_at of the oldest)`` among PENDING / SENDING / FAILED rows."""

@@ -39,6 +39,8 @@ class Notification(Base):
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     subject: Mapped[str | None] = mapped_column(String(80))
     status: Mapped[str] = mapped_column(String(20), default=NotificationStatus.PENDING.value)
+    #: claim order across the outbox, lower first (:class:`dispatchd.notifications.policy.Priority`)
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     channel: Mapped[str | None] = mapped_column(String(20))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -55,14 +57,31 @@ class Notification(Base):
     failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: provider timestamp of the last status update applied (webhooks arrive out of order)
     status_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: why a CANCELLED message was made moot ("booking assigned", "driver busy", …)
+    cancel_reason: Mapped[str | None] = mapped_column(String(80))
+    #: the message that carried this one to the provider (several open offers, one WhatsApp message)
+    carried_by: Mapped[str | None] = mapped_column(String(40))
 
     __table_args__ = (
         Index("ix_notifications_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_notifications_status_priority_next_attempt_at", "status", "priority", "next_attempt_at"),
+        Index("ix_notifications_status_expires_at", "status", "expires_at"),
         Index("ix_notifications_subject", "subject"),
-        Index("ix_notifications_recipient", "recipient"),
+        Index("ix_notifications_recipient_status", "recipient", "status"),
         Index("ix_notifications_provider_message_id", "provider_message_id"),
         Index("ix_notifications_created_at", "created_at"),
     )
+
+
+class RecipientPacing(Base):
+    """When each phone may get its next message (Meta's pair rate limit: about one per 6 s per user).
+
+    A claim takes a phone's slot with one conditional upsert, so two workers never both send to it."""
+
+    __tablename__ = "recipient_pacing"
+
+    recipient: Mapped[str] = mapped_column(String(200), primary_key=True)
+    next_slot_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class InboundMessage(Base):

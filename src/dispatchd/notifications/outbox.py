@@ -2,24 +2,43 @@
 
 The row and the state change that causes it commit together, so a message is never lost and never
 sent for a change that rolled back. The channel is chosen at delivery time from the settings.
+
+A change that makes a queued message pointless cancels it in the same unit of work (:func:`cancel`),
+and a domain asks :func:`handed_recipients` who actually got a message before following it up (DESIGN.md
+"The outbox at a real peak": no "course prise" to a driver who never saw the offer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dispatchd.core.db import lock_for_update
 from dispatchd.core.ids import new_id
+from dispatchd.notifications.channels.base import OutboundMessage
 from dispatchd.notifications.models import Notification, NotificationStatus
+from dispatchd.notifications.policy import priority_for
+
+#: Not yet handed to a provider: what a cancellation can still take back (SENDING is in flight).
+UNSENT_STATUSES = (NotificationStatus.PENDING.value, NotificationStatus.FAILED.value)
+#: Handed to the provider, as far as we know: the recipient may have seen it.
+HANDED_STATUSES = (
+    NotificationStatus.SENDING.value,
+    NotificationStatus.SENT.value,
+    NotificationStatus.DELIVERED.value,
+    NotificationStatus.READ.value,
+)
 
 
 @dataclass(frozen=True)
 class Message:
-    """One message to write: ``recipient`` is an E.164 phone (or ``"admin"``), ``body`` plain text."""
+    """One message to write: ``recipient`` is an E.164 phone (or ``"admin"``), ``body`` plain text;
+    ``priority`` defaults to the category's (:func:`dispatchd.notifications.policy.priority_for`)."""
 
     recipient: str
     category: str
@@ -28,6 +47,22 @@ class Message:
     payload: dict[str, Any] | None = field(default=None)
     expires_at: datetime | None = None
     idempotency_key: str | None = None
+    priority: int | None = None
+
+
+@dataclass(frozen=True)
+class Combined:
+    """One message that carries several outbox rows to one recipient: ``ids[0]`` is the carrier (its id
+    goes to the provider), the others are recorded with its outcome."""
+
+    ids: tuple[str, ...]
+    body: str
+    payload: dict[str, Any]
+
+
+#: Builds one message out of a recipient's open rows of one category (at least two, oldest first).
+#: It may leave some out (e.g. keep the ten nearest offers): those stay queued.
+Coalescer = Callable[[Sequence[OutboundMessage]], Combined]
 
 
 async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
@@ -47,6 +82,7 @@ async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
             "payload": message.payload,
             "subject": message.subject,
             "status": NotificationStatus.PENDING.value,
+            "priority": priority_for(message.category) if message.priority is None else message.priority,
             "attempts": 0,
             "next_attempt_at": now,
             "expires_at": message.expires_at,
@@ -58,6 +94,79 @@ async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
     await session.execute(Notification.__table__.insert(), rows)
     session.info["notifications_written"] = session.info.get("notifications_written", 0) + len(rows)
     return [row["id"] for row in rows]
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """Which queued messages a change makes moot: those of ``categories`` about ``subject`` and/or to
+    ``recipients`` (at least one of the two), and why (``reason``, ≤ 80 characters, kept on the row)."""
+
+    reason: str
+    categories: tuple[str, ...]
+    subject: str | None = None
+    recipients: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.subject is None and self.recipients is None:
+            raise ValueError("a cancellation needs a subject or recipients")
+
+    def where(self) -> ColumnElement[bool]:
+        filters = [Notification.category.in_(self.categories)]
+        if self.subject is not None:
+            filters.append(Notification.subject == self.subject)
+        if self.recipients is not None:
+            filters.append(Notification.recipient.in_(sorted(set(self.recipients))))
+        return and_(*filters)
+
+
+async def cancel(session: AsyncSession, cancellations: Sequence[Cancellation]) -> list[list[str]]:
+    """Cancel, in the current unit of work, the messages each cancellation names that are not yet handed
+    to a provider (PENDING or FAILED); return, per cancellation, the recipients of the rows it cancelled.
+
+    Messages in flight (SENDING) or sent are left alone: they cannot be taken back. All rows are locked
+    first in one statement, in id order, so two changes cancelling overlapping rows never deadlock.
+    """
+    rules = [rule for rule in cancellations if rule.recipients is None or rule.recipients]
+    if not rules:
+        return [[] for _ in cancellations]
+    unsent = Notification.status.in_(UNSENT_STATUSES)
+    await session.execute(
+        lock_for_update(
+            select(Notification.id)
+            .where(unsent, or_(*(rule.where() for rule in rules)))
+            .order_by(Notification.id)
+        )
+    )
+    results: dict[int, list[str]] = {}
+    for rule in rules:
+        rows = await session.execute(
+            update(Notification)
+            .where(unsent, rule.where())
+            .values(
+                status=NotificationStatus.CANCELLED.value,
+                next_attempt_at=None,
+                cancel_reason=rule.reason[:80],
+            )
+            .returning(Notification.recipient)
+            .execution_options(synchronize_session=False)
+        )
+        results[id(rule)] = sorted(rows.scalars().all())
+    return [results.get(id(rule), []) for rule in cancellations]
+
+
+async def handed_recipients(session: AsyncSession, *, subject: str, category: str) -> set[str]:
+    """Recipients whose ``category`` message about ``subject`` was handed to the provider (SENDING, SENT,
+    DELIVERED or READ, including messages carried inside another one)."""
+    rows = await session.scalars(
+        select(Notification.recipient)
+        .where(
+            Notification.subject == subject,
+            Notification.category == category,
+            Notification.status.in_(HANDED_STATUSES),
+        )
+        .distinct()
+    )
+    return set(rows.all())
 
 
 async def list_notifications(

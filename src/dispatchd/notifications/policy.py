@@ -13,12 +13,41 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import IntEnum
 
 from dispatchd.notifications.channels.base import Classification, ErrorKind
 from dispatchd.notifications.models import NotificationStatus
 
 TIME_CRITICAL_CATEGORIES = frozenset({"driver_offer", "offer_taken", "offer_cancelled"})
 UNKNOWN_MAX_ATTEMPTS = 3
+
+
+class Priority(IntEnum):
+    """Delivery order across the outbox: a lower value is always claimed first (DESIGN.md "The outbox at
+    a real peak"). Customer and admin messages are never behind driver offers."""
+
+    ALERT = 0  # admin alerts
+    NORMAL = 1  # customers, operators, a driver's own trip
+    OFFER = 2  # driver offers: many, paced, short-lived
+    NOTICE = 3  # "course prise" and the like: useful, never urgent
+
+
+CATEGORY_PRIORITIES = {
+    "admin_alert": Priority.ALERT,
+    "driver_offer": Priority.OFFER,
+    "offer_taken": Priority.NOTICE,
+    "offer_cancelled": Priority.NOTICE,
+}
+
+
+def priority_for(category: str) -> Priority:
+    """The default priority of a category (a writer may pass another one with the message)."""
+    return CATEGORY_PRIORITIES.get(category, Priority.NORMAL)
+
+
+def must_deliver(priority: int) -> bool:
+    """Messages that must always reach their recipient in seconds: customers' and admins'."""
+    return priority <= Priority.NORMAL
 
 
 @dataclass(frozen=True)

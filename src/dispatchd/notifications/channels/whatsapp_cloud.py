@@ -29,6 +29,11 @@ INTERACTIVE_BODY_MAX = 1024
 BUTTON_TITLE_MAX = 20
 BUTTON_ID_MAX = 256
 BUTTONS_MAX = 3
+LIST_BUTTON_MAX = 20
+LIST_ROWS_MAX = 10
+LIST_ROW_TITLE_MAX = 24
+LIST_ROW_DESCRIPTION_MAX = 72
+LIST_ROW_ID_MAX = 200
 DEFAULT_TEMPLATE_LANGUAGE = "en_US"
 
 
@@ -94,7 +99,9 @@ class WhatsAppCloudChannel(HttpChannel):
 
 def build_payload(message: OutboundMessage) -> dict[str, Any]:
     """The Cloud API JSON body for ``message``: a template when ``message.template`` is set, reply buttons
-    when ``message.payload["buttons"]`` lists some (``{"id", "title"}``, first 3 kept), else free text."""
+    when ``message.payload["buttons"]`` lists some (``{"id", "title"}``, first 3 kept), a list message when
+    ``message.payload["list"]`` is ``{"button", "rows": [{"id", "title", "description"}]}`` (first 10 rows
+    kept), else free text."""
     payload: dict[str, Any] = {
         "messaging_product": "whatsapp",
         "recipient_type": "individual",
@@ -102,6 +109,7 @@ def build_payload(message: OutboundMessage) -> dict[str, Any]:
         "biz_opaque_callback_data": message.id,
     }
     buttons = (message.payload or {}).get("buttons") or []
+    choices = (message.payload or {}).get("list") or {}
     if message.template:
         language = message.template.get("language") or DEFAULT_TEMPLATE_LANGUAGE
         template: dict[str, Any] = {
@@ -131,6 +139,33 @@ def build_payload(message: OutboundMessage) -> dict[str, Any]:
                         }
                         for button in buttons[:BUTTONS_MAX]
                     ]
+                },
+            },
+        )
+    elif choices.get("rows"):
+        payload.update(
+            type="interactive",
+            interactive={
+                "type": "list",
+                "body": {"text": message.body[:INTERACTIVE_BODY_MAX]},
+                "action": {
+                    "button": str(choices.get("button") or "Choisir")[:LIST_BUTTON_MAX],
+                    "sections": [
+                        {
+                            "rows": [
+                                {
+                                    "id": str(row["id"])[:LIST_ROW_ID_MAX],
+                                    "title": str(row["title"])[:LIST_ROW_TITLE_MAX],
+                                    **(
+                                        {"description": str(row["description"])[:LIST_ROW_DESCRIPTION_MAX]}
+                                        if row.get("description")
+                                        else {}
+                                    ),
+                                }
+                                for row in choices["rows"][:LIST_ROWS_MAX]
+                            ]
+                        }
+                    ],
                 },
             },
         )
