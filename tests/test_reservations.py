@@ -171,6 +171,9 @@ async def test_waiting_list_in_strict_order_with_expiring_holds(client, services
     clock.advance(900)
     handled = await services.sweeper.run_once()
     assert handled["waiting_list_hold"] == 1
+    async with services.db.read() as session:
+        told = await session.get(Notification, told.id, populate_existing=True)
+    assert (told.status, told.cancel_reason) == ("CANCELLED", "hold lapsed")  # never sent once moot
     assert (await client.get(f"/v1/waiting-list/{ana['id']}")).json()["status"] == "EXPIRED"
     late = await client.post(f"/v1/waiting-list/{ana['id']}/confirm")
     assert late.json()["code"] == "INVALID_STATE"

@@ -36,7 +36,7 @@ from dispatchd.matching import router as matching_router
 from dispatchd.matching.service import Category, MatchingConfig, MatchingService
 from dispatchd.notifications import router as notifications_router
 from dispatchd.notifications import webhooks
-from dispatchd.notifications.alerts import AlertMonitor
+from dispatchd.notifications.alerts import AlertMonitor, Thresholds
 from dispatchd.notifications.delivery import DeliveryWorker
 from dispatchd.notifications.wiring import build_lanes
 from dispatchd.reservations import metrics as reservation_metrics
@@ -116,6 +116,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         delivery.breakers,
         admin_phones=tuple(settings.admin_phones),
         admin_emails=tuple(settings.admin_emails),
+        thresholds=Thresholds(latency_alert_s=settings.notification_latency_alert_s),
     )
     return Services(settings, db, matching, reservations, sweeper, delivery, alerts)
 

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     recipient_interval_s: float = Field(
         default=6.0, ge=0, description="At most one message per phone per this many seconds (Meta pacing)"
     )
+    notification_latency_alert_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Admins are alerted when a customer or admin message waits longer than this unsent",
+    )
     delivery_lease_s: float = Field(
         default=60.0, gt=0, description="A claimed notification returns after this"
     )

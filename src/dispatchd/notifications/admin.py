@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dispatchd.core.db import Database
 from dispatchd.core.errors import InvalidState, NotFound
-from dispatchd.notifications import outbox
+from dispatchd.notifications import outbox, pacing
 from dispatchd.notifications.breaker import CircuitBreaker
-from dispatchd.notifications.models import AlertState, Notification, NotificationStatus
+from dispatchd.notifications.models import OPEN_STATUSES, AlertState, Notification, NotificationStatus
 from dispatchd.notifications.outbox import Message
 
 RETRYABLE = (
@@ -119,8 +119,9 @@ async def retry_failed(
 
 
 async def health(db: Database, breakers: list[CircuitBreaker] | None = None) -> dict[str, Any]:
-    """Outbox health: counts by status, backlog and its oldest message, last hour's outcomes, recent errors,
-    alert cooldowns and (in a server) each channel's circuit."""
+    """Outbox health: counts by status, backlog and its oldest message, the due messages by category (how
+    many, and how long the oldest has waited, in s), how many wait only for their phone's pacing slot,
+    last hour's outcomes, recent errors, alert cooldowns and (in a server) each channel's circuit."""
     async with db.read() as session:
         now = session.info["now"]
         hour_ago = now - timedelta(hours=1)
@@ -134,6 +135,18 @@ async def health(db: Database, breakers: list[CircuitBreaker] | None = None) -> 
                 Notification.status.in_(["PENDING", "SENDING", "FAILED"])
             )
         )
+        due = and_(
+            Notification.status.in_([s.value for s in OPEN_STATUSES]), Notification.next_attempt_at <= now
+        )
+        due_by_category = (
+            await session.execute(
+                select(Notification.category, func.count(), func.min(Notification.created_at))
+                .where(due)
+                .group_by(Notification.category)
+                .order_by(Notification.category)
+            )
+        ).all()
+        held = await pacing.count_held(session, now, due)
         sent_1h = await session.scalar(select(func.count()).where(Notification.sent_at >= hour_ago))
         failed_1h = await session.scalar(select(func.count()).where(Notification.failed_at >= hour_ago))
         errors = (
@@ -154,6 +167,11 @@ async def health(db: Database, breakers: list[CircuitBreaker] | None = None) -> 
         "by_status": by_status,
         "backlog": sum(by_status.get(s, 0) for s in ("PENDING", "SENDING", "FAILED")),
         "oldest_waiting_s": round((now - oldest).total_seconds(), 3) if oldest else None,
+        "due_by_category": {
+            category: {"due": count, "oldest_waiting_s": round((now - first).total_seconds(), 3)}
+            for category, count, first in due_by_category
+        },
+        "held_by_pacing": held,
         "last_hour": {
             "sent": sent_1h,
             "failed": failed_1h,

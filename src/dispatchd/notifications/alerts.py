@@ -6,7 +6,9 @@ Rules, evaluated every ``interval_s`` (60 s):
 - ``PERMANENT_24H``: ≥ 5 messages FAILED_PERMANENT in the last 24 h (warning);
 - ``FAILURE_RATE_1H``: failed / (failed + sent) ≥ 50 % over the last hour, with at least 10 outcomes;
 - ``ACCOUNT_PROBLEM``: a provider error of class ALERT (token, permissions, account) in the last hour;
-- ``CIRCUIT_OPEN:<channel>``: a channel's circuit breaker is open.
+- ``CIRCUIT_OPEN:<channel>``: a channel's circuit breaker is open;
+- ``SLOW_DELIVERY``: a customer or admin message (priority ≤ NORMAL) has waited longer than
+  ``latency_alert_s`` (``DISPATCHD_NOTIFICATION_LATENCY_ALERT_S``, 60 s) without being sent (issue 7).
 
 Each rule fires at most once per ``cooldown_s`` (1 h); the last firing time is a row of ``alert_state``,
 taken with a conditional write, so restarts and several instances do not repeat an alert. An alert is
@@ -28,8 +30,9 @@ from dispatchd.core.db import Database
 from dispatchd.core.logging import get_logger
 from dispatchd.notifications import outbox
 from dispatchd.notifications.breaker import CircuitBreaker, CircuitState
-from dispatchd.notifications.models import AlertState, Notification, NotificationStatus
+from dispatchd.notifications.models import OPEN_STATUSES, AlertState, Notification, NotificationStatus
 from dispatchd.notifications.outbox import Message
+from dispatchd.notifications.policy import Priority
 
 log = get_logger("dispatchd.notifications.alerts")
 
@@ -43,6 +46,7 @@ class Thresholds:
     failure_rate: float = 0.5
     min_outcomes: int = 10
     cooldown_s: float = 3600.0
+    latency_alert_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,25 @@ class AlertMonitor:
             .order_by(Notification.failed_at.desc())
             .limit(1)
         )
+        slow, slowest = (
+            await session.execute(
+                select(func.count(), func.min(Notification.created_at)).where(
+                    Notification.status.in_([s.value for s in OPEN_STATUSES]),
+                    Notification.priority <= Priority.NORMAL,
+                    Notification.created_at <= now - timedelta(seconds=t.latency_alert_s),
+                )
+            )
+        ).one()
         alerts: list[Alert] = []
+        if slow:
+            alerts.append(
+                Alert(
+                    "SLOW_DELIVERY",
+                    "CRITIQUE",
+                    f"{slow} message(s) clients/admins non envoyés depuis plus de {t.latency_alert_s:g} s "
+                    f"(le plus ancien attend depuis {(now - slowest).total_seconds():.0f} s)",
+                )
+            )
         if failed_1h >= t.failures_per_hour:
             alerts.append(
                 Alert("FAILURES_1H", "CRITIQUE", f"{failed_1h} échecs d'envoi dans la dernière heure")

@@ -35,7 +35,7 @@ from dispatchd.core.errors import Conflict, InvalidInput, InvalidState, NotFound
 from dispatchd.core.ids import new_id
 from dispatchd.core.logging import get_logger
 from dispatchd.notifications import outbox
-from dispatchd.notifications.outbox import Message
+from dispatchd.notifications.outbox import Cancellation, Message
 from dispatchd.reservations import metrics
 from dispatchd.reservations.models import (
     AuditEntry,
@@ -500,6 +500,7 @@ class ReservationService:
             self._finish_entry(session, entry, EntryStatus.LEFT)
             if was_offered:
                 resource.held -= entry.quantity
+                await _cancel_place_offers(session, [entry.id], "left the waiting list")
             resource.version += 1
             await session.flush()
             events.append(session, _topic(resource.id), "WaitingListLeft", {"entry_id": entry.id})
@@ -536,6 +537,7 @@ class ReservationService:
             resource.updated_at = now
             entry.reservation_id = reservation.id
             self._finish_entry(session, entry, EntryStatus.CONFIRMED)
+            await _cancel_place_offers(session, [entry.id], "place confirmed")
             await session.flush()
             self._confirmed(
                 session, reservation, resource.reserved, resource.held, resource.capacity, resource.version
@@ -606,7 +608,7 @@ class ReservationService:
                                 f"{expires_at.strftime('%H:%M UTC')}. Confirmez avant pour la garder.\n"
                                 f"Réf: {entry.id}"
                             ),
-                            subject=_topic(resource.id),
+                            subject=_entry_subject(entry.id),
                             expires_at=expires_at,
                         )
                     ],
@@ -657,6 +659,7 @@ class ReservationService:
                         )
                     )
                 ).all()
+                await _cancel_place_offers(session, [entry.id for entry in lapsed], "hold lapsed")
                 for entry in lapsed:
                     self._finish_entry(session, entry, EntryStatus.EXPIRED)
                     resource.held -= entry.quantity
@@ -741,3 +744,18 @@ class ReservationService:
         if resource is None:
             raise NotFound(f"resource {resource_id} not found")
         return resource
+
+
+def _entry_subject(entry_id: str) -> str:
+    return f"waiting_list:{entry_id}"
+
+
+async def _cancel_place_offers(session: AsyncSession, entry_ids: list[str], reason: str) -> None:
+    """The "place disponible" messages of these entries, if not yet sent, are moot: cancel them."""
+    await outbox.cancel(
+        session,
+        [
+            Cancellation(reason, ("waiting_list_offer",), subject=_entry_subject(entry_id))
+            for entry_id in entry_ids
+        ],
+    )
