@@ -88,8 +88,10 @@ async def test_a_head_of_paced_rows_does_not_block_another_phone(services, clock
     channel = RecordingChannel()
     worker = DeliveryWorker(services.db, channel, concurrency=2, recipient_interval_s=6)  # no coalescing
     # 200 older offers to two drivers, then one message to a third phone, all of the same priority
-    await _enqueue(services, *(_offer(f"+22177000000{n % 2}", n) for n in range(200)))
-    clock.advance(1)
+    await _enqueue(services, _offer("+221770000000", 0), _offer("+221770000001", 1))
+    clock.advance(0.5)
+    await _enqueue(services, *(_offer(f"+22177000000{n % 2}", n) for n in range(2, 200)))
+    clock.advance(0.5)
     await _enqueue(services, _offer("+221770000009", 999))
 
     assert await worker.run_once() == 2  # one per driver: their slots are now taken
@@ -341,3 +343,15 @@ async def test_a_customer_message_waiting_over_the_latency_bound_alerts_the_admi
     assert alert.rule == "SLOW_DELIVERY" and "1 message(s)" in alert.text
     [sent] = await _rows(services, category="admin_alert")
     assert sent.priority == 0
+
+
+async def test_a_message_that_expires_between_claim_and_send_is_not_sent(services, clock):
+    channel = RecordingChannel()
+    worker = DeliveryWorker(services.db, channel, recipient_interval_s=6)
+    await _enqueue(services, _offer("+221770000700", 1, expires_at=clock.now() + timedelta(seconds=1)))
+    [claimed] = await worker._claim()  # a busy process: the send comes 2 s after the claim
+    clock.advance(2)
+    lane = worker.lanes[0]
+    await worker._record(lane, [await worker._send(lane, claimed)], probing=False)
+    [row] = await _rows(services)
+    assert (row.status, row.sent_at) == ("EXPIRED", None) and channel.sent == []

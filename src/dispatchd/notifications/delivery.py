@@ -193,6 +193,14 @@ class DeliveryWorker:
         limit = await self._capacity(lane)
         if limit <= 0:
             return []
+        # At a peak most wake-ups find every due phone paced: a read (which never waits for SQLite's
+        # single writer) tells so without taking a write transaction.
+        async with self.db.read() as session:
+            if (
+                await session.scalar(self._due_query(lane, session.info["now"], Notification.id).limit(1))
+                is None
+            ):
+                return []
         async with self.db.transaction() as session:
             now: datetime = session.info["now"]
             leads = await self._leads(session, lane, now, limit)
@@ -215,11 +223,9 @@ class DeliveryWorker:
     ) -> list[Notification]:
         """The first ``limit`` due rows in priority order, at most one per paced phone, leaving out phones
         whose slot is taken (so the head of the queue always moves)."""
-        query = select(Notification).where(_due(now), lane.where)
-        if self.recipient_interval_s:
-            query = query.where(~pacing.held(now))
         query = (
-            query.order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
+            self._due_query(lane, now)
+            .order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
             .limit(limit * 4 if self.recipient_interval_s else limit)
             .with_for_update(skip_locked=True)
         )
@@ -237,6 +243,12 @@ class DeliveryWorker:
             if len(leads) == limit:
                 break
         return leads
+
+    def _due_query(self, lane: Lane, now: datetime, *columns):
+        query = select(*(columns or (Notification,))).where(_due(now), lane.where)
+        if self.recipient_interval_s:
+            query = query.where(~pacing.held(now))
+        return query
 
     async def _groups(
         self, session: AsyncSession, leads: list[Notification], now: datetime
@@ -300,7 +312,12 @@ class DeliveryWorker:
 
     # ------------------------------------------------------------------------------------- send, record
 
-    async def _send(self, lane: Lane, item: _Claimed) -> tuple[_Claimed, SendResult | ChannelError]:
+    async def _send(self, lane: Lane, item: _Claimed) -> tuple[_Claimed, SendResult | ChannelError | None]:
+        """Send one claimed message; ``None`` when every row it carries expired since the claim (a busy
+        process may take a moment between claim and send): it is then not sent at all, never late."""
+        now = self.db.clock.now()
+        if all(member.expires_at is not None and member.expires_at <= now for member in item.members):
+            return item, None
         started = time.perf_counter()
         try:
             return item, await lane.channel.send(item.message)
@@ -330,7 +347,11 @@ class DeliveryWorker:
         async with self.db.transaction() as session:
             now: datetime = session.info["now"]
             for item, outcome in outcomes:
-                if isinstance(outcome, ChannelError):
+                if outcome is None:
+                    metrics.NOTIFICATIONS.labels(name, "expired", "").inc(len(item.members))
+                    expired = {"status": NotificationStatus.EXPIRED.value, "next_attempt_at": None}
+                    changes = [(member, expired) for member in item.members]
+                elif isinstance(outcome, ChannelError):
                     changes = self._after_error(lane, item, outcome, now, probing)
                 else:
                     lane.breaker.record(True)
