@@ -43,7 +43,7 @@ from typing import Any
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
-from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import metrics
@@ -113,6 +113,34 @@ def _due(now: datetime) -> ColumnElement[bool]:
         Notification.next_attempt_at <= now,
         or_(Notification.expires_at.is_(None), Notification.expires_at > now),
     )
+
+
+def _current_lease(statement, member: _Member):
+    """Only the holder of the current lease may record (a re-claimed row has more attempts)."""
+    return statement.where(
+        Notification.id == member.id,
+        Notification.status == NotificationStatus.SENDING.value,
+        Notification.attempts == member.attempts,
+    )
+
+
+_table = Notification.__table__
+#: :func:`_current_lease` for many sent rows at once (executemany)
+_RECORD_SENT = (
+    _table.update()
+    .where(
+        _table.c.id == bindparam("b_id"),
+        _table.c.status == NotificationStatus.SENDING.value,
+        _table.c.attempts == bindparam("b_attempts"),
+    )
+    .values(
+        status=NotificationStatus.SENT.value,
+        sent_at=bindparam("b_sent_at"),
+        next_attempt_at=None,
+        provider_message_id=bindparam("b_wamid"),
+        carried_by=bindparam("b_carried_by"),
+    )
+)
 
 
 def _outbound(row: Notification) -> OutboundMessage:
@@ -343,9 +371,11 @@ class DeliveryWorker:
         return total
 
     async def _record(self, lane: Lane, outcomes, probing: bool) -> None:
+        """One transaction for a batch's outcomes; the sent rows (the bulk) in one executemany."""
         name = lane.channel.name
         async with self.db.transaction() as session:
             now: datetime = session.info["now"]
+            sent: list[dict[str, Any]] = []
             for item, outcome in outcomes:
                 if outcome is None:
                     metrics.NOTIFICATIONS.labels(name, "expired", "").inc(len(item.members))
@@ -356,30 +386,21 @@ class DeliveryWorker:
                 else:
                     lane.breaker.record(True)
                     metrics.NOTIFICATIONS.labels(name, "sent", "").inc(len(item.members))
-                    sent = {
-                        "status": NotificationStatus.SENT.value,
-                        "sent_at": now,
-                        "next_attempt_at": None,
-                        "provider_message_id": outcome.provider_message_id,
-                    }
-                    changes = [
-                        (
-                            member,
-                            {**sent, "carried_by": None if member.id == item.message.id else item.message.id},
-                        )
+                    sent += [
+                        {
+                            "b_id": member.id,
+                            "b_attempts": member.attempts,
+                            "b_sent_at": now,
+                            "b_wamid": outcome.provider_message_id,
+                            "b_carried_by": None if member.id == item.message.id else item.message.id,
+                        }
                         for member in item.members
                     ]
+                    continue
                 for member, values in changes:
-                    # Only the holder of the current lease may record (a re-claimed row has more attempts).
-                    await session.execute(
-                        update(Notification)
-                        .where(
-                            Notification.id == member.id,
-                            Notification.status == NotificationStatus.SENDING.value,
-                            Notification.attempts == member.attempts,
-                        )
-                        .values(**values)
-                    )
+                    await session.execute(_current_lease(update(Notification), member).values(**values))
+            if sent:
+                await session.execute(_RECORD_SENT, sent)
 
     def _after_error(
         self, lane: Lane, item: _Claimed, error: ChannelError, now: datetime, probing: bool
