@@ -223,3 +223,32 @@ async def test_a_three_day_outage_loses_nothing_and_burns_no_attempts(services, 
     assert {r.status for r in rows} == {"SENT"} and len(rows) == 30
     assert all(r.attempts == before[r.id] + 1 for r in rows)
     assert calls_during_outage < 3 * 24 * 6 + 20  # probing, not hammering: at most a probe per cooldown
+
+
+async def test_pacing_counts_from_the_provider_s_answer_not_from_the_claim(services, clock):
+    fake = FakeMeta(ok)
+    worker = _worker(services, fake, recipient_interval_s=6)
+    await _enqueue(services, _message(1), _message(1))
+    [claimed] = await worker._claim()  # the provider takes 2 s to answer this one
+    clock.advance(2)
+    lane = worker.lanes[0]
+    await worker._record(lane, [await worker._send(lane, claimed)], probing=False)
+    clock.advance(5)  # 7 s after the claim, only 5 s after Meta accepted the first message
+    assert await worker.run_once() == 0
+    clock.advance(1)
+    assert await worker.run_once() == 1
+
+
+async def test_meta_s_pair_rate_limit_waits_for_the_phone_s_next_slot_and_burns_no_attempt(services, clock):
+    fake = FakeMeta(meta_error(400, 131056), ok)
+    worker = _worker(services, fake, recipient_interval_s=6)
+    await _enqueue(services, _message(1))
+    await worker.run_once()
+    [row] = await _rows(services)
+    assert (row.status, row.attempts, row.error_code) == ("FAILED", 0, "META_131056")
+    assert (row.next_attempt_at - clock.now()).total_seconds() == 6  # seconds, not the 30 min backoff
+    assert worker.breakers[0].state is CircuitState.CLOSED
+    clock.advance(6)
+    assert await worker.run_once() == 1
+    [row] = await _rows(services)
+    assert (row.status, row.attempts) == ("SENT", 1)

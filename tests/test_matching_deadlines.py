@@ -178,7 +178,13 @@ async def test_cancel_during_broadcast_closes_offers_and_silences_deadlines(serv
 
     clock.advance(600)
     handled = await services.sweeper.run_once()
-    assert handled == {"offer_expiry": 0, "search_expiry": 0, "escalation": 0, "waiting_list_hold": 0, "notification_expiry": 0}
+    assert handled == {
+        "offer_expiry": 0,
+        "search_expiry": 0,
+        "escalation": 0,
+        "waiting_list_hold": 0,
+        "notification_expiry": 0,
+    }
     assert await _messages(services, "customer_no_driver") == []
     assert (await matching.respond(booking.id, drivers[1].id, "ACCEPT")).action is Action.BOOKING_CANCELLED
     assert (await matching.get_booking(booking.id)).status == "CANCELLED"

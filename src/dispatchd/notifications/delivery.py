@@ -64,6 +64,9 @@ from dispatchd.notifications.outbox import UNSENT_STATUSES, Coalescer, Combined
 
 log = get_logger("dispatchd.notifications.delivery")
 
+#: Meta's pair rate limit ("too many messages to this user"): Cloud API error 131056.
+PAIR_RATE_LIMIT = "META_131056"
+
 
 @dataclass
 class Lane:
@@ -401,6 +404,9 @@ class DeliveryWorker:
                     await session.execute(_current_lease(update(Notification), member).values(**values))
             if sent:
                 await session.execute(_RECORD_SENT, sent)
+            if self.recipient_interval_s:
+                called = (item.message.recipient for item, outcome in outcomes if outcome is not None)
+                await pacing.hold_after_send(session, called, now, self.recipient_interval_s)
 
     def _after_error(
         self, lane: Lane, item: _Claimed, error: ChannelError, now: datetime, probing: bool
@@ -417,6 +423,22 @@ class DeliveryWorker:
         if c.kind is ErrorKind.UNKNOWN:
             metrics.UNKNOWN_ERRORS.labels(name).inc()
             log.warning("unknown provider error", notification_id=item.message.id, code=c.code, raw=error.raw)
+        if c.code == PAIR_RATE_LIMIT:
+            # Meta refused only because this phone got a message too recently: not a failure of the
+            # message nor of the channel. It keeps its attempt and waits for the phone's next slot.
+            metrics.NOTIFICATIONS.labels(name, "paced", c.kind.value).inc(len(item.members))
+            return [
+                (
+                    member,
+                    {
+                        **common,
+                        "status": NotificationStatus.FAILED.value,
+                        "attempts": member.attempts - 1,
+                        "next_attempt_at": now + timedelta(seconds=self.recipient_interval_s or 6.0),
+                    },
+                )
+                for member in item.members
+            ]
         channel_failed = c.opens_circuit or (probing and c.kind in (ErrorKind.TEMPORARY, ErrorKind.UNKNOWN))
         if channel_failed:
             # the channel is down, not this message: it keeps its attempt and waits for the circuit

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, select
+from sqlalchemy import ColumnElement, and_, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -60,6 +60,25 @@ async def take_slots(
     ).returning(RecipientPacing.recipient)
     taken = await session.execute(statement)
     return set(taken.scalars().all())
+
+
+async def hold_after_send(
+    session: AsyncSession, recipients: Iterable[str], now: datetime, interval_s: float
+) -> None:
+    """Move each phone's next slot to ``now + interval_s`` (``now`` = when the provider answered).
+
+    Meta counts the interval from when it accepted the previous message, which is after our claim: the
+    slot taken at claim time is pushed back once the send is over, so the next message never arrives
+    early however long the call took."""
+    phones = sorted({r for r in recipients if is_paced(r)})
+    if not phones:
+        return
+    following = now + timedelta(seconds=interval_s)
+    await session.execute(
+        update(RecipientPacing)
+        .where(RecipientPacing.recipient.in_(phones), RecipientPacing.next_slot_at < following)
+        .values(next_slot_at=following)
+    )
 
 
 async def forget_old_slots(session: AsyncSession, now: datetime) -> int:
