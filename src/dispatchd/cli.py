@@ -114,13 +114,49 @@ def notifications_list(
 
 @notifications_app.command("health")
 def notifications_health() -> None:
-    """Backlog, last hour's outcomes, recent error codes and alerts (circuits: the API's health)."""
+    """Backlog, due messages by category (count, oldest wait), messages held by pacing, last hour's outcomes,
+    recent error codes and alerts (circuits: the API's health)."""
     import json
 
     from dispatchd.notifications import admin
 
     report = _with_db(lambda db: admin.health(db))
     console.print_json(json.dumps(report, default=str))
+
+
+@notifications_app.command("summary")
+def notifications_summary(
+    since: Annotated[
+        str | None,
+        typer.Option(help="ISO 8601 with an offset, e.g. 2026-05-04T18:00:00Z; default: one hour ago"),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the JSON of /v1/notifications/summary")
+    ] = False,
+) -> None:
+    """Messages written since T: by category and state, written → sent p50/p99, open ones past their
+    expiry, and customer/admin messages never sent (exit code 1 when there are any)."""
+    import json
+
+    from dispatchd.notifications import report
+
+    since_at = None
+    if since is not None:
+        try:
+            since_at = datetime.fromisoformat(since)
+        except ValueError:
+            errors.print(f"[red]--since: not an ISO 8601 datetime: {since!r}[/]")
+            raise typer.Exit(2) from None
+        if since_at.tzinfo is None:
+            errors.print("[red]--since needs an offset (Z or +01:00)[/]")
+            raise typer.Exit(2)
+    summary = _with_db(lambda db: report.outbox_summary(db, since_at))
+    if as_json:
+        console.print_json(json.dumps(summary, default=str))
+    else:
+        report.render(summary, console)
+    if summary["must_deliver_unsent"]:
+        raise typer.Exit(1)
 
 
 console = Console()
@@ -366,6 +402,40 @@ def reservations_export(
         console.print(f"wrote {count} reservations to {output}")
 
 
+@app.command("fake-whatsapp")
+def fake_whatsapp(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")],
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    fail_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of calls answered 503 (Meta 131000)")
+    ] = 0.0,
+    latency_ms: Annotated[float, typer.Option(min=0, help="Delay before every answer, ms")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the failure draw")] = None,
+    pair_interval_s: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Refuse (400, Meta 131056) a message to a user served less than this ago; 0 = off"
+        ),
+    ] = 0.0,
+) -> None:
+    """Run a fake WhatsApp Cloud API for tests, benchmarks and `replay --fleet whatsapp`.
+
+    Point a server at it with DISPATCHD_WHATSAPP_API_BASE_URL=http://HOST:PORT/v21.0. It records every
+    accepted message (GET /messages?after=SEQ), counts calls (GET /stats) and forgets (POST /reset).
+    """
+    from dispatchd.testing.fake_whatsapp import serve as serve_fake
+
+    console.print(f"fake WhatsApp Cloud API on http://{host}:{port} (base URL for dispatchd: …/v21.0)")
+    serve_fake(
+        port,
+        host,
+        fail_rate=fail_rate,
+        latency_ms=latency_ms,
+        seed=seed,
+        pair_interval_s=pair_interval_s,
+    )
+
+
 def _default_trips() -> Path:
     return Path(__file__).parent / "data" / "nyc-2014-04-30-b02512.csv.gz"
 
@@ -396,31 +466,66 @@ def replay(
     drain_timeout: Annotated[
         float, typer.Option(help="Real seconds to wait for open searches at the end")
     ] = 360.0,
+    outbox_wait: Annotated[
+        float,
+        typer.Option(min=0, help="Real seconds to wait, after that, for customer/admin messages to be sent"),
+    ] = 120.0,
+    fleet: Annotated[
+        str,
+        typer.Option(
+            help="events: drivers read offers from the event log; whatsapp: only what the outbox sent "
+            "to the fake WhatsApp server, answered by signed webhook"
+        ),
+    ] = "events",
+    whatsapp_fake_url: Annotated[
+        str | None, typer.Option(help="Fake WhatsApp server (dispatchd fake-whatsapp), --fleet whatsapp")
+    ] = None,
+    webhook_secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DISPATCHD_WHATSAPP_APP_SECRET",
+            help="The server's WhatsApp app secret, to sign the drivers' taps (--fleet whatsapp)",
+        ),
+    ] = None,
 ) -> None:
     """Replay real pickups as bookings through the HTTP API, with simulated drivers answering offers.
 
     Prints a summary: bookings, assigned, timed out, time to assign p50/p95/p99, double assignments
-    (must be 0), drivers holding two bookings (must be 0), notifications written.
+    (must be 0), drivers holding two bookings (must be 0), notifications written, and the outbox:
+    messages by category and state, written → sent p50/p99, peak backlog, customer/admin messages never
+    sent (must be none). Exits 1 when one of the "must" fails.
+
+    With --fleet whatsapp the server must send to the fake: DISPATCHD_NOTIFICATION_CHANNEL=whatsapp_cloud,
+    DISPATCHD_WHATSAPP_API_BASE_URL=<fake url>/v21.0, an access token, a phone number id and
+    DISPATCHD_WHATSAPP_APP_SECRET (see docs/operations.md).
     """
     from dispatchd.replay import ReplayOptions, run_replay
 
     if not api_key:
         errors.print("[red]--api-key (or DISPATCHD_API_KEY) is required: an admin or integration key[/]")
         raise typer.Exit(2)
-    options = ReplayOptions(
-        trips_path=trips or _default_trips(),
-        url=url.rstrip("/"),
-        api_key=api_key,
-        start=start,
-        end=end,
-        speed=speed,
-        drivers=drivers,
-        seed=seed,
-        accept_probability=accept_probability,
-        ignore_probability=ignore_probability,
-        drain_timeout_s=drain_timeout,
-    )
+    try:
+        options = ReplayOptions(
+            trips_path=trips or _default_trips(),
+            url=url.rstrip("/"),
+            api_key=api_key,
+            start=start,
+            end=end,
+            speed=speed,
+            drivers=drivers,
+            seed=seed,
+            accept_probability=accept_probability,
+            ignore_probability=ignore_probability,
+            drain_timeout_s=drain_timeout,
+            outbox_wait_s=outbox_wait,
+            fleet=fleet,
+            whatsapp_fake_url=whatsapp_fake_url.rstrip("/") if whatsapp_fake_url else None,
+            webhook_secret=webhook_secret,
+        )
+    except ValueError as exc:
+        errors.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
     summary = asyncio.run(run_replay(options, console))
     summary.render(console)
-    if not summary.ok:  # aborted, or a double assignment / a driver holding two bookings
+    if not summary.ok:  # aborted, a double assignment / double booking, or a customer/admin message unsent
         raise typer.Exit(1)

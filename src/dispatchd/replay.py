@@ -5,12 +5,23 @@ New York time, ``lat``/``lon`` WGS84 degrees. The shipped default, ``data/nyc-20
 is one day of NYC TLC FOIL pickups (FiveThirtyEight); see ``data/README.md``.
 
 A replay creates simulated drivers over HTTP, posts one booking per trip at the trip's trace time
-(compressed by ``speed``), answers the offers the drivers receive through the event log, drives the won
-bookings to completion and finally reads the server's own records to check that no booking was given
-to two drivers and no driver held two bookings at once.
+(compressed by ``speed``), answers the offers the drivers receive, drives the won bookings to completion
+and finally reads the server's own records to check that no booking was given to two drivers and no
+driver held two bookings at once, and what the outbox did (``GET /v1/notifications/summary``).
+
+Two fleets (``ReplayOptions.fleet``):
+
+- ``events``: drivers learn their offers from the event log (``OfferSent``) and answer through
+  ``POST /v1/bookings/{id}/responses``, as a driver app connected to the server would;
+- ``whatsapp``: drivers see only what the outbox actually sent. The server sends through the
+  ``whatsapp_cloud`` channel to the fake WhatsApp Cloud API (:mod:`dispatchd.testing.fake_whatsapp`);
+  the replay reads the fake's ``GET /messages``, and a driver answers an offer message by tapping one of
+  its buttons (or list rows): a signed Meta webhook to ``POST /v1/webhooks/whatsapp``. Time to assign is
+  then what a WhatsApp-only fleet gets, pacing and coalescing included.
 
 Pure pieces (``load_trips``, ``percentile``, ``haversine_km``, ``synthetic_drop_off``, ``BoundingBox``,
-``ReplaySummary``) have no I/O beyond reading the trace and are unit-tested on their own.
+``ReplaySummary``, ``offers_in_message``, ``choose_reply``, ``webhook_reply_payload``, ``sign_webhook``)
+have no I/O beyond reading the trace and are unit-tested on their own.
 """
 
 from __future__ import annotations
@@ -18,16 +29,21 @@ from __future__ import annotations
 import asyncio
 import csv
 import gzip
+import hashlib
+import hmac
+import json
 import math
 import random
+import re
 import secrets
 import time
+import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from rich.console import Console
@@ -36,6 +52,7 @@ from rich.table import Table
 
 from dispatchd.core.stats import percentile
 from dispatchd.matching.geo import EARTH_RADIUS_KM, haversine_km
+from dispatchd.notifications import report
 
 SHIPPED_TRIPS: Path = Path(__file__).resolve().parent / "data" / "nyc-2014-04-30-b02512.csv.gz"
 """The trace shipped with the package: 2,186 pickups of 2014-04-30, base B02512 (see data/README.md)."""
@@ -59,6 +76,18 @@ _DRAIN_POLL_S = 2.0
 _FETCH_CONCURRENCY = 20
 _HEARTBEAT_CONCURRENCY = 8
 _HTTP_CONNECTIONS = 50
+_BACKLOG_SAMPLE_S = 1.0
+_OUTBOX_POLL_S = 1.0
+_WHATSAPP_POLL_S = 0.2
+_WHATSAPP_PAGE = 500
+
+FLEETS = ("events", "whatsapp")
+WEBHOOK_PATH = "/v1/webhooks/whatsapp"
+SIGNATURE_HEADER = "X-Hub-Signature-256"
+#: The business number the simulated drivers write to (metadata of the webhooks; any value works).
+BUSINESS_DISPLAY_PHONE = "15550001234"
+#: Reply ids of driver offers (buttons and list rows), as ``matching`` writes them.
+OFFER_REPLY_ID = re.compile(r"^(ACCEPT|REJECT):(bkg_[0-9a-f]+)$")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,6 +239,164 @@ def trip_duration_trace_s(distance_km: float) -> float:
     return distance_km / DRIVER_SPEED_KMH * 3600.0
 
 
+@dataclass(frozen=True)
+class OfferChoice:
+    """One offer a WhatsApp message lets the driver answer: the reply ``id``/``title`` that accepts it,
+    and the one that refuses it when the message has one (a coalesced message has only ACCEPT replies)."""
+
+    booking_id: str
+    accept_id: str
+    accept_title: str
+    reject_id: str | None = None
+    reject_title: str | None = None
+
+
+@dataclass(frozen=True)
+class WhatsAppOffer:
+    """An offer message as sent to the fake: ``to`` (digits, no ``+``), the ``wamid`` the fake answered,
+    ``kind`` ``"button"`` (≤ 3 reply buttons) or ``"list"`` (list rows), and the offers in the order the
+    message lists them (nearest first)."""
+
+    to: str
+    wamid: str | None
+    kind: Literal["button", "list"]
+    choices: tuple[OfferChoice, ...]
+    phone_number_id: str | None = None
+
+
+def offers_in_message(message: Mapping[str, Any]) -> WhatsAppOffer | None:
+    """Read a message recorded by the fake (``GET /messages``: Meta's request JSON plus ``wamid``): the
+    offers it carries, or None when it is not an interactive message with at least one
+    ``ACCEPT:bkg_<hex>`` reply (text, template, "course prise"…). Buttons are
+    ``interactive.action.buttons[].reply{id,title}``; list rows ``interactive.action.sections[].rows[]``.
+    """
+    if message.get("type") != "interactive":
+        return None
+    interactive = message.get("interactive")
+    if not isinstance(interactive, dict):
+        return None
+    action = interactive.get("action") if isinstance(interactive.get("action"), dict) else {}
+    kind = interactive.get("type")
+    replies: list[tuple[str, str]] = []
+    if kind == "button":
+        for button in action.get("buttons") or []:
+            reply = button.get("reply") if isinstance(button, dict) else None
+            if isinstance(reply, dict):
+                replies.append((str(reply.get("id", "")), str(reply.get("title", ""))))
+    elif kind == "list":
+        for section in action.get("sections") or []:
+            for row in (section.get("rows") or []) if isinstance(section, dict) else []:
+                if isinstance(row, dict):
+                    replies.append((str(row.get("id", "")), str(row.get("title", ""))))
+    else:
+        return None
+    accepts: dict[str, tuple[str, str]] = {}
+    rejects: dict[str, tuple[str, str]] = {}
+    for reply_id, title in replies:
+        matched = OFFER_REPLY_ID.match(reply_id)
+        if matched:
+            target = accepts if matched.group(1) == "ACCEPT" else rejects
+            target.setdefault(matched.group(2), (reply_id, title))
+    if not accepts:
+        return None
+    choices = tuple(
+        OfferChoice(
+            booking_id,
+            accept_id,
+            accept_title,
+            *(rejects.get(booking_id) or (None, None)),
+        )
+        for booking_id, (accept_id, accept_title) in accepts.items()
+    )
+    wamid = message.get("wamid")
+    phone_number_id = message.get("phone_number_id")
+    return WhatsAppOffer(
+        to=str(message.get("to", "")).removeprefix("+"),
+        wamid=str(wamid) if wamid else None,
+        kind="button" if kind == "button" else "list",
+        choices=choices,
+        phone_number_id=str(phone_number_id) if phone_number_id else None,
+    )
+
+
+def choose_reply(
+    offer: WhatsAppOffer, *, accept: bool, closed: Iterable[str] = ()
+) -> tuple[Literal["ACCEPT", "REJECT"], str, str, str] | None:
+    """What a driver taps on ``offer``: ``(answer, reply id, title, booking id)``, or None to leave it.
+
+    ``closed`` are bookings the driver knows are gone (resolved, or already answered by them). With
+    ``accept`` the first listed open offer (nearest first) is accepted; otherwise the first open offer
+    with a refuse reply is refused, and a message without one (several offers) is left unanswered.
+    """
+    closed = set(closed)
+    open_choices = [choice for choice in offer.choices if choice.booking_id not in closed]
+    if not open_choices:
+        return None
+    if accept:
+        choice = open_choices[0]
+        return "ACCEPT", choice.accept_id, choice.accept_title, choice.booking_id
+    for choice in open_choices:
+        if choice.reject_id:
+            return "REJECT", choice.reject_id, choice.reject_title or "", choice.booking_id
+    return None
+
+
+def webhook_reply_payload(
+    *,
+    from_wa_id: str,
+    reply_kind: Literal["button_reply", "list_reply"],
+    reply_id: str,
+    title: str,
+    wamid: str,
+    timestamp: int,
+    context_wamid: str | None = None,
+    phone_number_id: str = "0",
+    display_phone_number: str = BUSINESS_DISPLAY_PHONE,
+    profile_name: str = "Driver",
+) -> dict[str, Any]:
+    """A Meta webhook delivery of one interactive reply (a tap on a reply button or a list row), shaped
+    like Meta's (``object`` → ``entry[]`` → ``changes[]`` → ``value`` with ``metadata``, ``contacts`` and
+    one ``messages[]`` item of ``type`` ``interactive``). ``from_wa_id`` is the user's phone without
+    ``+``; ``wamid`` must be unique per tap (Meta re-deliveries repeat it); ``context_wamid`` is the id of
+    the message tapped; ``timestamp`` is unix seconds."""
+    message: dict[str, Any] = {
+        "from": from_wa_id,
+        "id": wamid,
+        "timestamp": str(timestamp),
+        "type": "interactive",
+        "interactive": {"type": reply_kind, reply_kind: {"id": reply_id, "title": title}},
+    }
+    if context_wamid:
+        message = {"context": {"from": display_phone_number, "id": context_wamid}, **message}
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": phone_number_id,
+                "changes": [
+                    {
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": display_phone_number,
+                                "phone_number_id": phone_number_id,
+                            },
+                            "contacts": [{"profile": {"name": profile_name}, "wa_id": from_wa_id}],
+                            "messages": [message],
+                        },
+                        "field": "messages",
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def sign_webhook(app_secret: str, body: bytes) -> str:
+    """The ``X-Hub-Signature-256`` value Meta sends: ``sha256=<hex HMAC-SHA256 of the raw body>``."""
+    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Options and summary
 
@@ -220,7 +407,14 @@ class ReplayOptions:
 
     ``start``/``end`` are naive local times of the trace (compared with ``pickup_at``), ``end`` exclusive;
     ``speed`` is trace seconds per real second (60 = one trace minute per second); ``drain_timeout_s`` is
-    real seconds to wait, after the last booking, for every booking to reach a final status.
+    real seconds to wait, after the last booking, for every booking to reach a final status;
+    ``outbox_wait_s`` real seconds to wait after that for every customer and admin message to leave the
+    outbox (no must-deliver row PENDING / SENDING / FAILED) before the outbox summary is read.
+
+    ``fleet`` is ``"events"`` (drivers read ``OfferSent`` from the event log) or ``"whatsapp"`` (drivers
+    read what the fake WhatsApp server at ``whatsapp_fake_url`` received, and answer with webhooks signed
+    with ``webhook_secret``, the server's ``DISPATCHD_WHATSAPP_APP_SECRET``). Raises ``ValueError`` on
+    a bad value, or a WhatsApp fleet without its fake URL or secret.
     """
 
     trips_path: Path
@@ -234,6 +428,10 @@ class ReplayOptions:
     accept_probability: float = 0.8
     ignore_probability: float = 0.1
     drain_timeout_s: float = 360.0
+    outbox_wait_s: float = 120.0
+    fleet: str = "events"
+    whatsapp_fake_url: str | None = None
+    webhook_secret: str | None = None
 
     def __post_init__(self) -> None:
         if self.speed <= 0:
@@ -245,6 +443,12 @@ class ReplayOptions:
                 raise ValueError(f"{name} must be within [0, 1]")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        if self.outbox_wait_s < 0:
+            raise ValueError("outbox_wait_s must be >= 0")
+        if self.fleet not in FLEETS:
+            raise ValueError(f"fleet must be one of {', '.join(FLEETS)}")
+        if self.fleet == "whatsapp" and not (self.whatsapp_fake_url and self.webhook_secret):
+            raise ValueError("a whatsapp fleet needs whatsapp_fake_url and webhook_secret")
 
 
 @dataclass
@@ -258,6 +462,18 @@ class ReplaySummary:
     ``offers_ignored`` is client-side (offers deliberately left unanswered). ``notifications_written``:
     growth of ``GET /v1/notifications`` ``total`` during the run (None when unreadable).
     ``aborted`` holds the reason when the replay could not run.
+
+    The outbox: ``outbox`` is ``GET /v1/notifications/summary`` read at the end with ``since`` = the
+    replay's start (shape in :mod:`dispatchd.notifications.report`: messages by category and state,
+    written → sent p50/p99/max by category in seconds, open rows, open rows past expiry, customer and
+    admin messages never sent), None when unreadable; ``peak_backlog`` is the largest
+    ``GET /v1/notifications/health`` ``backlog`` sampled once a second during the run.
+
+    WhatsApp fleet (zero / None for the events fleet): ``whatsapp_messages_seen`` offer messages the fake
+    received for this run's drivers, ``whatsapp_offers_seen`` offers they carried (a coalesced message
+    carries several), ``taps_sent`` answers sent by webhook (``{"ACCEPT": n, "REJECT": n}``),
+    ``fake_stats`` the fake's ``GET /stats`` at the end and ``pair_limit_hits`` its growth during the run
+    (Meta 131056 refusals: messages the outbox sent too soon to one driver).
     """
 
     trips: int
@@ -283,11 +499,31 @@ class ReplaySummary:
     responses_by_action: dict[str, int] = field(default_factory=dict)
     http_errors: dict[str, int] = field(default_factory=dict)
     aborted: str | None = None
+    fleet: str = "events"
+    outbox: dict[str, Any] | None = None
+    peak_backlog: int | None = None
+    whatsapp_messages_seen: int = 0
+    whatsapp_offers_seen: int = 0
+    taps_sent: dict[str, int] = field(default_factory=dict)
+    fake_stats: dict[str, Any] | None = None
+    pair_limit_hits: int | None = None
+
+    @property
+    def must_deliver_unsent(self) -> dict[str, int]:
+        """Customer and admin messages of this run never sent, by category (empty when all were, or when
+        the outbox summary could not be read)."""
+        return dict((self.outbox or {}).get("must_deliver_unsent") or {})
 
     @property
     def ok(self) -> bool:
-        """True when the replay ran and found no double assignment or double booking."""
-        return self.aborted is None and self.double_assignments == 0 and self.drivers_double_booked == 0
+        """True when the replay ran, found no double assignment or double booking, and every customer and
+        admin message it caused was sent."""
+        return (
+            self.aborted is None
+            and self.double_assignments == 0
+            and self.drivers_double_booked == 0
+            and not self.must_deliver_unsent
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Every field as plain JSON-serialisable values."""
@@ -328,11 +564,32 @@ class ReplaySummary:
             ("offers rejected", str(self.offers_rejected)),
             ("offers timed out", str(self.offers_timed_out)),
             ("offers ignored by drivers", str(self.offers_ignored)),
+            ("fleet", self.fleet),
+        ]
+        if self.fleet == "whatsapp":
+            rows += [
+                ("offer messages seen on WhatsApp", str(self.whatsapp_messages_seen)),
+                ("offers seen on WhatsApp", str(self.whatsapp_offers_seen)),
+                (
+                    "taps sent (accept / reject)",
+                    f"{self.taps_sent.get('ACCEPT', 0)} / {self.taps_sent.get('REJECT', 0)}",
+                ),
+                (
+                    "pair-limit hits at the fake",
+                    "—" if self.pair_limit_hits is None else must_be_zero(self.pair_limit_hits),
+                ),
+            ]
+        rows += [
+            ("peak outbox backlog", "—" if self.peak_backlog is None else str(self.peak_backlog)),
             ("elapsed", seconds(self.elapsed_s)),
         ]
         for name, value in rows:
             table.add_row(name, value)
         console.print(table)
+        if self.outbox is not None:
+            report.render(self.outbox, console, title="outbox")
+        elif self.aborted is None:
+            console.print("[yellow]outbox summary unreadable (GET /v1/notifications/summary)[/]")
         for title, counts in (
             ("responses by action", self.responses_by_action),
             ("HTTP errors", self.http_errors),
@@ -381,8 +638,10 @@ class _Driver:
     lat: float
     lon: float
     rng: random.Random
+    phone: str = ""
     holding: set[str] = field(default_factory=set)
     completing: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)  # bookings this driver tapped (WhatsApp fleet)
     heartbeat_in_flight: bool = False
 
     @property
@@ -422,6 +681,7 @@ class _Replay:
         self.console = console
         self.rng = random.Random(options.seed)
         self.started = time.monotonic()
+        self.started_at = datetime.now(UTC)  # ``since`` of the outbox summary
         self.trips: list[Trip] = []
         self.box: BoundingBox | None = None
         self.plans: list[_PlannedBooking] = []
@@ -443,6 +703,19 @@ class _Replay:
         # httpx's pool gets slow (quadratic) with thousands of queued requests: queue them here instead.
         self.in_flight = asyncio.Semaphore(_HTTP_CONNECTIONS)
         self.events_client: httpx.AsyncClient | None = None
+        self.fake_client: httpx.AsyncClient | None = None
+        self.peak_backlog: int | None = None
+        self.phone_drivers: dict[str, _Driver] = {}  # wa_id (phone without "+") → driver
+        self.driven: set[tuple[str, str]] = set()  # (booking, driver) pairs already driving
+        self.fake_after = 0
+        self.fake_stats_before: dict[str, Any] | None = None
+        self.whatsapp_messages_seen = 0
+        self.whatsapp_offers_seen = 0
+        self.taps: Counter[str] = Counter()
+
+    @property
+    def whatsapp(self) -> bool:
+        return self.options.fleet == "whatsapp"
 
     # -- HTTP ---------------------------------------------------------------------------------------------
 
@@ -457,6 +730,8 @@ class _Replay:
         path: str,
         *,
         json: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
         retries: int = 0,
         retry_transport: bool = True,
@@ -475,11 +750,12 @@ class _Replay:
         for attempt in range(retries + 1):
             last = attempt == retries
             try:
+                request = {"json": json, "content": content, "headers": headers, "params": params}
                 if http is self.client:
                     async with self.in_flight:
-                        response = await http.request(method, path, json=json, params=params)
+                        response = await http.request(method, path, **request)
                 else:
-                    response = await http.request(method, path, json=json, params=params)
+                    response = await http.request(method, path, **request)
             except httpx.HTTPError as exc:
                 if not last and retry_transport:
                     await asyncio.sleep(0.5 * (attempt + 1))
@@ -563,13 +839,16 @@ class _Replay:
                     continue
                 if answer.ok and isinstance(answer.body, dict) and "id" in answer.body:
                     driver_id = str(answer.body["id"])
-                    self.drivers[driver_id] = _Driver(
+                    driver = _Driver(
                         index=index,
                         id=driver_id,
                         lat=body["lat"],
                         lon=body["lon"],
                         rng=random.Random(f"{self.options.seed}:driver:{index}"),
+                        phone=str(body["phone"]),
                     )
+                    self.drivers[driver_id] = driver
+                    self.phone_drivers[driver.phone.removeprefix("+")] = driver
                 return
 
         semaphore = asyncio.Semaphore(_FETCH_CONCURRENCY)
@@ -620,6 +899,17 @@ class _Replay:
         kind = event.get("type")
         topic = str(event.get("topic") or "")
         data = event.get("data") or {}
+        if kind == "OfferSent" and self.whatsapp:
+            return  # WhatsApp drivers see only the messages the outbox sent
+        if kind == "BookingAssigned" and self.whatsapp and topic.startswith("booking:"):
+            # A WhatsApp driver's tap gets no answer: the assignment is learnt here.
+            booking_id = topic.removeprefix("booking:")
+            driver = self.drivers.get(str(data.get("driver_id")))
+            if driver is not None and booking_id in self.booking_plan:
+                if (booking_id, driver.id) not in self.driven:
+                    self.driven.add((booking_id, driver.id))
+                    self.actions["ASSIGNED"] += 1
+                    self._spawn(self._drive(driver, booking_id, {}))
         if kind == "OfferSent":
             driver_id = (
                 topic.removeprefix("driver:") if topic.startswith("driver:") else data.get("driver_id")
@@ -701,6 +991,144 @@ class _Replay:
         finally:
             driver.holding.discard(booking_id)
             driver.completing.discard(booking_id)
+
+    # -- WhatsApp fleet -----------------------------------------------------------------------------------
+
+    async def _fake_stats(self) -> dict[str, Any] | None:
+        answer = await self._call("GET", "/stats", retries=2, client=self.fake_client)
+        return answer.body if answer.ok and isinstance(answer.body, dict) else None
+
+    async def _check_webhook(self) -> str | None:
+        """Why the server cannot take this fleet's taps (no secret, another secret), or None."""
+        body = json.dumps({"object": "whatsapp_business_account", "entry": []}).encode()
+        answer = await self._post_webhook(body, quiet=frozenset({403, 503}))
+        if answer.status == 503:
+            return "the server has no DISPATCHD_WHATSAPP_APP_SECRET: it cannot take WhatsApp taps"
+        if answer.status == 403:
+            return "--webhook-secret is not the server's DISPATCHD_WHATSAPP_APP_SECRET (signature refused)"
+        if not answer.ok:
+            return f"POST {WEBHOOK_PATH} answered {answer.status}"
+        return None
+
+    async def _post_webhook(self, body: bytes, quiet: frozenset[int] = frozenset()) -> _Answer:
+        secret = self.options.webhook_secret or ""
+        headers = {SIGNATURE_HEADER: sign_webhook(secret, body), "Content-Type": "application/json"}
+        # A repeat after a lost answer is a Meta re-delivery: stored once, routed once.
+        return await self._call("POST", WEBHOOK_PATH, content=body, headers=headers, retries=2, quiet=quiet)
+
+    async def _poll_whatsapp(self) -> None:
+        """Read what the fake accepted since the start, every 0.2 s; hand offer messages to their driver."""
+        while not self.stopping.is_set():
+            answer = await self._call(
+                "GET",
+                "/messages",
+                params={"after": self.fake_after, "limit": _WHATSAPP_PAGE},
+                retries=2,
+                client=self.fake_client,
+            )
+            if not answer.ok or not isinstance(answer.body, dict):
+                await asyncio.sleep(1.0)
+                continue
+            messages = answer.body.get("messages") or []
+            for message in messages:
+                if isinstance(message, dict):
+                    self._on_whatsapp_message(message)
+            next_after = answer.body.get("next_after")
+            if isinstance(next_after, int):
+                self.fake_after = max(self.fake_after, next_after)
+            if len(messages) < _WHATSAPP_PAGE:
+                await asyncio.sleep(_WHATSAPP_POLL_S)
+
+    def _on_whatsapp_message(self, message: dict[str, Any]) -> None:
+        offer = offers_in_message(message)
+        if offer is None:
+            return
+        driver = self.phone_drivers.get(offer.to)
+        if driver is None:
+            return  # another run's driver, or not a driver
+        self.whatsapp_messages_seen += 1
+        self.whatsapp_offers_seen += len(offer.choices)
+        self._spawn(self._answer_whatsapp(driver, offer))
+
+    async def _answer_whatsapp(self, driver: _Driver, offer: WhatsAppOffer) -> None:
+        # Same model as an event-log driver, drawn once per message: ignore it, or read it after the
+        # reaction time and accept the first offer listed (nearest first) that is still open for them.
+        ignore = driver.rng.random() < self.options.ignore_probability
+        latency_s = response_latency_trace_s(driver.rng)
+        wants = driver.rng.random() < self.options.accept_probability
+        if ignore:
+            self.offers_ignored += len(offer.choices)
+            return
+        await asyncio.sleep(latency_s / self.options.speed)
+        closed = {
+            choice.booking_id
+            for choice in offer.choices
+            if self.live_status.get(choice.booking_id) in FINAL_STATUSES
+            or choice.booking_id in driver.answered
+        }
+        tap = choose_reply(offer, accept=wants and not driver.busy, closed=closed)
+        if tap is None:
+            self.offers_ignored += len(offer.choices) - len(closed)
+            return
+        answer, reply_id, title, booking_id = tap
+        driver.answered.add(booking_id)
+        payload = webhook_reply_payload(
+            from_wa_id=driver.phone.removeprefix("+"),
+            reply_kind="button_reply" if offer.kind == "button" else "list_reply",
+            reply_id=reply_id,
+            title=title,
+            wamid=f"wamid.replay{uuid.uuid4().hex}",
+            timestamp=int(time.time()),
+            context_wamid=offer.wamid,
+            phone_number_id=offer.phone_number_id or "0",
+            profile_name=f"Driver {driver.index + 1:03d}",
+        )
+        posted = await self._post_webhook(json.dumps(payload, separators=(",", ":")).encode())
+        if posted.ok:
+            self.taps[answer] += 1
+
+    # -- outbox -------------------------------------------------------------------------------------------
+
+    async def _sample_backlog(self) -> None:
+        """``GET /v1/notifications/health`` once a second: the largest ``backlog`` seen."""
+        while not self.stopping.is_set():
+            answer = await self._call("GET", "/v1/notifications/health", client=self.events_client)
+            if answer.ok and isinstance(answer.body, dict) and isinstance(answer.body.get("backlog"), int):
+                self.peak_backlog = max(self.peak_backlog or 0, int(answer.body["backlog"]))
+            await asyncio.sleep(_BACKLOG_SAMPLE_S)
+
+    async def _read_outbox(self) -> dict[str, Any] | None:
+        answer = await self._call(
+            "GET",
+            "/v1/notifications/summary",
+            params={"since": self.started_at.isoformat()},
+            retries=2,
+            client=self.events_client,
+        )
+        return answer.body if answer.ok and isinstance(answer.body, dict) else None
+
+    async def _wait_outbox(self) -> dict[str, Any] | None:
+        """The outbox summary once no customer or admin message is open, or after ``outbox_wait_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.outbox_wait_s
+        summary = await self._read_outbox()
+        polls = 0
+        while summary is not None:
+            waiting = report.must_deliver_open(summary.get("by_category") or {})
+            if not waiting:
+                break
+            if loop.time() >= deadline:
+                self.console.print(
+                    f"[yellow]{waiting} customer/admin messages still open after "
+                    f"{self.options.outbox_wait_s:g} s[/]"
+                )
+                break
+            if polls % 10 == 0:
+                self.console.print(f"waiting for {waiting} customer/admin messages to leave the outbox…")
+            polls += 1
+            await asyncio.sleep(min(_OUTBOX_POLL_S, max(0.0, deadline - loop.time())))
+            summary = await self._read_outbox()
+        return summary
 
     async def _heartbeats(self) -> None:
         # Every 30 trace s, but at most once a real second per driver and HEARTBEATS_PER_S_MAX in all:
@@ -892,6 +1320,7 @@ class _Replay:
             responses_by_action=dict(self.actions),
             http_errors=dict(self.errors),
             aborted=reason,
+            fleet=self.options.fleet,
         )
 
     # -- main ---------------------------------------------------------------------------------------------
@@ -916,14 +1345,24 @@ class _Replay:
         # No pool timeout: under load requests queue for a connection instead of failing.
         timeout = httpx.Timeout(30.0, pool=None)
         limits = httpx.Limits(max_connections=_HTTP_CONNECTIONS, max_keepalive_connections=_HTTP_CONNECTIONS)
+        fake_url = (options.whatsapp_fake_url or "http://fake.invalid").rstrip("/")
         async with (
             httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits) as client,
             httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout) as events_client,
+            httpx.AsyncClient(base_url=fake_url, timeout=timeout) as fake_client,
         ):
-            self.client, self.events_client = client, events_client
+            self.client, self.events_client, self.fake_client = client, events_client, fake_client
             probe = await self._call("GET", "/v1/events", params={"after": 0, "limit": 1}, retries=2)
             if not probe.ok:
                 return self._aborted(f"cannot read the event log at {base_url} (status {probe.status})")
+            if self.whatsapp:
+                self.fake_stats_before = await self._fake_stats()
+                if self.fake_stats_before is None:
+                    return self._aborted(f"cannot read the fake WhatsApp server at {fake_url}/stats")
+                self.fake_after = int(self.fake_stats_before.get("recorded") or 0)
+                refused = await self._check_webhook()
+                if refused:
+                    return self._aborted(refused)
             try:
                 return await self._run_with()
             finally:
@@ -950,6 +1389,9 @@ class _Replay:
         self.console.print("Catching up with the event log…")
         await self.events_caught_up.wait()
         self._spawn(self._heartbeats())
+        self._spawn(self._sample_backlog())
+        if self.whatsapp:
+            self._spawn(self._poll_whatsapp())
         progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -968,19 +1410,43 @@ class _Replay:
         # Drivers still on a trip are abandoned here: their bookings stay ASSIGNED on the server.
         await self._stop_tasks()
         self.console.print("Reading back bookings and offers…")
-        return await self._summarise(notifications_before)
+        summary = await self._summarise(notifications_before)
+        summary.outbox = await self._wait_outbox()
+        summary.peak_backlog = self.peak_backlog
+        summary.fleet = self.options.fleet
+        if self.whatsapp:
+            summary.whatsapp_messages_seen = self.whatsapp_messages_seen
+            summary.whatsapp_offers_seen = self.whatsapp_offers_seen
+            summary.taps_sent = dict(self.taps)
+            summary.fake_stats = await self._fake_stats()
+            if summary.fake_stats is not None and self.fake_stats_before is not None:
+                summary.pair_limit_hits = int(summary.fake_stats.get("pair_limit_hits") or 0) - int(
+                    self.fake_stats_before.get("pair_limit_hits") or 0
+                )
+            if summary.offers_sent and not self.whatsapp_messages_seen:
+                self.console.print(
+                    "[yellow]no offer reached the fake WhatsApp server: is the server started with "
+                    "DISPATCHD_NOTIFICATION_CHANNEL=whatsapp_cloud and DISPATCHD_WHATSAPP_API_BASE_URL="
+                    f"{self.options.whatsapp_fake_url}/v21.0?[/]"
+                )
+        summary.elapsed_s = round(time.monotonic() - self.started, 3)
+        return summary
 
 
 async def run_replay(options: ReplayOptions, console: Console) -> ReplaySummary:
     """Replay ``options.trips_path`` against the server at ``options.url``; return what the server recorded.
 
     Creates ``options.drivers`` drivers, posts one booking (then starts its matching) per trip at
-    ``(pickup_at - first pickup) / speed`` real seconds, answers the offers drivers receive through
-    ``GET /v1/events``, completes won bookings after the trip's drive time at 25 km/h, waits up to
-    ``drain_timeout_s`` for every booking to be final, then reads each booking and its offers back.
+    ``(pickup_at - first pickup) / speed`` real seconds, answers the offers drivers receive (through
+    ``GET /v1/events``, or for the WhatsApp fleet through the fake's ``GET /messages`` and signed
+    webhooks), completes won bookings after the trip's drive time at 25 km/h, waits up to
+    ``drain_timeout_s`` for every booking to be final, then reads each booking and its offers back, waits
+    up to ``outbox_wait_s`` for the customer and admin messages to leave the outbox, and reads the outbox
+    summary (``since`` = the replay's start, UTC; the server's clock is assumed in step with this one).
     HTTP errors are counted and printed once per status and code; nothing is raised for them. When the
-    replay cannot run (unreadable trace, no trip selected, server unreachable or key refused) the summary
-    comes back with ``aborted`` set.
+    replay cannot run (unreadable trace, no trip selected, server unreachable or key refused, WhatsApp
+    fleet without a reachable fake or with a webhook secret the server refuses) the summary comes back
+    with ``aborted`` set.
     """
     return await _Replay(options, console).run()
 

@@ -14,7 +14,7 @@ from dispatchd.core.errors import InvalidInput
 from dispatchd.core.phone import is_e164
 from dispatchd.core.schemas import StrictModel, UtcDateTime
 from dispatchd.deps import database, principal
-from dispatchd.notifications import admin, outbox
+from dispatchd.notifications import admin, outbox, report
 from dispatchd.notifications.models import NotificationStatus
 from dispatchd.notifications.outbox import Message
 
@@ -31,6 +31,9 @@ class NotificationOut(BaseModel):
     payload: dict | None
     subject: str | None
     status: NotificationStatus
+    priority: int
+    cancel_reason: str | None
+    carried_by: str | None
     channel: str | None
     attempts: int
     next_attempt_at: datetime | None
@@ -154,3 +157,46 @@ async def notifications_health(
 ):
     who.require_staff()
     return await admin.health(db, request.app.state.delivery.breakers)
+
+
+class CategoryLatency(BaseModel):
+    """Written → sent (``sent_at − created_at``) of one category's sent rows, in seconds."""
+
+    sent: int = Field(description="Rows SENT / DELIVERED / READ")
+    p50: float | None
+    p99: float | None
+    max: float | None
+
+
+class NotificationSummary(BaseModel):
+    """The outbox since ``since``: every count is over rows written at or after it (UTC)."""
+
+    since: datetime
+    at: datetime = Field(description="When the summary was read (server clock, UTC)")
+    by_category: dict[str, dict[str, int]] = Field(description="category → status → rows")
+    latency_s: dict[str, CategoryLatency] = Field(description="category → written → sent, seconds")
+    open: int = Field(description="Rows PENDING / SENDING / FAILED")
+    open_past_expiry: int = Field(description="Rows PENDING / FAILED whose expires_at has passed")
+    must_deliver_unsent: dict[str, int] = Field(
+        description="Customer and admin categories → rows not SENT / DELIVERED / READ / CANCELLED (n > 0)"
+    )
+
+
+@router.get(
+    "/notifications/summary",
+    response_model=NotificationSummary,
+    summary="Outbox summary: by category and state, written → sent latency, messages never sent",
+)
+async def notifications_summary(
+    since: Annotated[
+        UtcDateTime | None,
+        Query(description="ISO 8601 with an offset (e.g. 2026-05-04T18:00:00Z); default: one hour ago"),
+    ] = None,
+    who: Principal = Depends(principal),
+    db: Database = Depends(database),
+):
+    """What the outbox did with the messages written since ``since`` (staff only): counts by category
+    and status, written → sent p50 / p99 / max by category (seconds), rows still open, open rows past
+    their expiry, and customer / admin messages not sent (see :mod:`dispatchd.notifications.report`)."""
+    who.require_staff()
+    return await report.outbox_summary(db, since)
