@@ -30,6 +30,7 @@ from dispatchd.replay import (
     sign_webhook,
     webhook_reply_payload,
 )
+from tests.test_replay_units import _summary as replay_summary
 
 DATA = Path(__file__).parent / "data" / "whatsapp"
 B1, B2, B3, B4 = "bkg_0a1b", "bkg_2c3d", "bkg_4e5f", "bkg_6a7b"
@@ -227,30 +228,15 @@ def test_whatsapp_fleet_options_need_the_fake_and_the_secret() -> None:
 
 
 def _summary(**overrides: Any) -> ReplaySummary:
+    """Every booking assigned and completed, unless overridden."""
     values: dict[str, Any] = {
-        "trips": 3,
-        "drivers": 2,
-        "bookings": 3,
         "assigned": 3,
         "completed": 3,
         "timed_out": 0,
-        "cancelled": 0,
-        "still_searching": 0,
-        "time_to_assign_p50_s": 1.5,
-        "time_to_assign_p95_s": 2.0,
-        "time_to_assign_p99_s": 2.1,
-        "double_assignments": 0,
-        "drivers_double_booked": 0,
-        "notifications_written": 12,
-        "offers_sent": 6,
         "offers_accepted": 3,
         "offers_rejected": 1,
-        "offers_timed_out": 2,
-        "offers_ignored": 1,
-        "elapsed_s": 4.2,
     }
-    values.update(overrides)
-    return ReplaySummary(**values)
+    return replay_summary(**{**values, **overrides})
 
 
 OUTBOX = {

@@ -123,55 +123,42 @@ def build_payload(message: OutboundMessage) -> dict[str, Any]:
             ]
         payload.update(type="template", template=template)
     elif buttons:
-        payload.update(
-            type="interactive",
-            interactive={
-                "type": "button",
-                "body": {"text": message.body[:INTERACTIVE_BODY_MAX]},
-                "action": {
-                    "buttons": [
-                        {
-                            "type": "reply",
-                            "reply": {
-                                "id": str(button["id"])[:BUTTON_ID_MAX],
-                                "title": str(button["title"])[:BUTTON_TITLE_MAX],
-                            },
-                        }
-                        for button in buttons[:BUTTONS_MAX]
-                    ]
+        reply_buttons = [
+            {
+                "type": "reply",
+                "reply": {
+                    "id": str(button["id"])[:BUTTON_ID_MAX],
+                    "title": str(button["title"])[:BUTTON_TITLE_MAX],
                 },
-            },
-        )
+            }
+            for button in buttons[:BUTTONS_MAX]
+        ]
+        payload.update(_interactive("button", message.body, {"buttons": reply_buttons}))
     elif choices.get("rows"):
-        payload.update(
-            type="interactive",
-            interactive={
-                "type": "list",
-                "body": {"text": message.body[:INTERACTIVE_BODY_MAX]},
-                "action": {
-                    "button": str(choices.get("button") or "Choisir")[:LIST_BUTTON_MAX],
-                    "sections": [
-                        {
-                            "rows": [
-                                {
-                                    "id": str(row["id"])[:LIST_ROW_ID_MAX],
-                                    "title": str(row["title"])[:LIST_ROW_TITLE_MAX],
-                                    **(
-                                        {"description": str(row["description"])[:LIST_ROW_DESCRIPTION_MAX]}
-                                        if row.get("description")
-                                        else {}
-                                    ),
-                                }
-                                for row in choices["rows"][:LIST_ROWS_MAX]
-                            ]
-                        }
-                    ],
-                },
-            },
-        )
+        rows = [
+            {
+                "id": str(row["id"])[:LIST_ROW_ID_MAX],
+                "title": str(row["title"])[:LIST_ROW_TITLE_MAX],
+                **(
+                    {"description": str(row["description"])[:LIST_ROW_DESCRIPTION_MAX]}
+                    if row.get("description")
+                    else {}
+                ),
+            }
+            for row in choices["rows"][:LIST_ROWS_MAX]
+        ]
+        button = str(choices.get("button") or "Choisir")[:LIST_BUTTON_MAX]
+        payload.update(_interactive("list", message.body, {"button": button, "sections": [{"rows": rows}]}))
     else:
         payload.update(type="text", text={"preview_url": False, "body": message.body[:TEXT_MAX]})
     return payload
+
+
+def _interactive(kind: str, body: str, action: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "interactive",
+        "interactive": {"type": kind, "body": {"text": body[:INTERACTIVE_BODY_MAX]}, "action": action},
+    }
 
 
 def _message_id(body: object) -> str | None:
