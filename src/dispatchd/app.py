@@ -38,6 +38,7 @@ from dispatchd.notifications import router as notifications_router
 from dispatchd.notifications import webhooks
 from dispatchd.notifications.alerts import AlertMonitor, Thresholds
 from dispatchd.notifications.delivery import DeliveryWorker
+from dispatchd.notifications.expiry import OutboxExpiry
 from dispatchd.notifications.wiring import build_lanes
 from dispatchd.reservations import metrics as reservation_metrics
 from dispatchd.reservations import router as reservations_router
@@ -110,7 +111,8 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             Category.OFFER_TAKEN: messages.combine_taken,
         },
     )
-    sweeper.register(Deadline("notification_expiry", delivery.expire_due, delivery.oldest_due_expiry))
+    expiry = OutboxExpiry()
+    sweeper.register(Deadline("notification_expiry", expiry.expire_due, expiry.oldest_due))
     alerts = AlertMonitor(
         db,
         delivery.breakers,

@@ -19,8 +19,8 @@ Order at a peak (DESIGN.md "The outbox at a real peak"):
   they do not fail;
 - coalescing: when a phone's slot comes, the open rows of a category that has a *coalescer* (driver
   offers) go out as one message built by it; the rows it carries are recorded with the carrier's outcome;
-- expiry is a deadline: :meth:`DeliveryWorker.expire_due` (run by the sweeper) expires every row past
-  ``expires_at`` in bulk, and a claim never takes one.
+- expiry is a deadline: :class:`dispatchd.notifications.expiry.OutboxExpiry` (run by the sweeper) expires
+  every row past ``expires_at`` in bulk, and a claim never takes one.
 
 Never hammering:
 - each lane (phone channel, email, fallback) has a :class:`CircuitBreaker`; while it is open nothing is
@@ -96,17 +96,6 @@ class _Member:
 class _Claimed:
     message: OutboundMessage
     members: tuple[_Member, ...]
-
-
-def _expirable(now: datetime) -> ColumnElement[bool]:
-    """Rows past ``expires_at`` that nobody is sending (a SENDING row whose lease ran out counts)."""
-    return and_(
-        Notification.expires_at <= now,
-        or_(
-            Notification.status.in_(UNSENT_STATUSES),
-            (Notification.status == NotificationStatus.SENDING.value) & (Notification.next_attempt_at <= now),
-        ),
-    )
 
 
 def _due(now: datetime) -> ColumnElement[bool]:
@@ -190,7 +179,6 @@ class DeliveryWorker:
         self.coalescers = dict(coalescers or {})
         self.rng = rng or random.Random()
         self.wake = asyncio.Event()
-        self._slots_forgotten_at: datetime | None = None
         db.after_commit.append(self._on_commit)
 
     @property
@@ -483,43 +471,6 @@ class DeliveryWorker:
         }.get(decision.status, "failed")
         metrics.NOTIFICATIONS.labels(name, outcome, c.kind.value).inc()
         return {"status": decision.status.value, "next_attempt_at": decision.next_attempt_at}
-
-    # ------------------------------------------------------------------------------------------ expiry
-
-    async def expire_due(self, db: Database, limit: int) -> int:
-        """Sweeper handler: rows past ``expires_at`` that nobody is sending → EXPIRED, in bulk, whatever
-        pacing or priority say (no PENDING row outlives its expiry by more than a sweep). Also forgets
-        pacing slots that ended long ago. Returns how many rows expired."""
-        async with db.transaction() as session:
-            now: datetime = session.info["now"]
-            ids = list(
-                (
-                    await session.scalars(
-                        select(Notification.id)
-                        .where(_expirable(now))
-                        .order_by(Notification.expires_at)
-                        .limit(limit)
-                        .with_for_update(skip_locked=True)
-                    )
-                ).all()
-            )
-            if ids:
-                await session.execute(
-                    update(Notification)
-                    .where(Notification.id.in_(ids), _expirable(now))
-                    .values(status=NotificationStatus.EXPIRED.value, next_attempt_at=None)
-                    .execution_options(synchronize_session=False)
-                )
-                metrics.NOTIFICATIONS.labels("outbox", "expired", "").inc(len(ids))
-            forgotten = self._slots_forgotten_at
-            if forgotten is None or now - forgotten >= timedelta(seconds=60):
-                self._slots_forgotten_at = now
-                await pacing.forget_old_slots(session, now)
-            return len(ids)
-
-    async def oldest_due_expiry(self, session: AsyncSession, now: datetime) -> datetime | None:
-        """The earliest ``expires_at`` not yet applied (the sweeper's lag for this deadline)."""
-        return await session.scalar(select(func.min(Notification.expires_at)).where(_expirable(now)))
 
     # ------------------------------------------------------------------------------------------ backlog
 
