@@ -46,6 +46,23 @@ async def test_component_health_follows_the_seed(client, services, clock):
     assert warning["overall"] == "WARNING" and warning["metrics"]["active_matchings"] == 1
 
 
+async def test_component_health_grades_the_outbox_on_customer_and_admin_messages(client, services, clock):
+    from dispatchd.notifications import outbox
+
+    async with services.db.transaction() as session:
+        await outbox.enqueue(session, [outbox.Message("+221770009999", "driver_offer", "offer")])
+    clock.advance(120)  # a paced driver offer may wait: that is the fleet saturating, not the outbox failing
+    report = (await client.get("/v1/health")).json()["components"]["notifications"]
+    assert (report["status"], report["oldest_customer_or_admin_due_s"]) == ("HEALTHY", None)
+    assert report["oldest_waiting_s"] == 120
+
+    async with services.db.transaction() as session:
+        await outbox.enqueue(session, [outbox.Message("+221780009999", "customer_driver_found", "found")])
+    clock.advance(301)
+    report = (await client.get("/v1/health")).json()["components"]["notifications"]
+    assert (report["status"], report["oldest_customer_or_admin_due_s"]) == ("CRITICAL", 301)
+
+
 async def test_metrics_are_exposed_for_prometheus(client, services):
     booking = await services.matching.create_booking(booking_data())
     await services.matching.start_matching(booking.id)

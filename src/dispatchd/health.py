@@ -18,6 +18,7 @@ from dispatchd.config import Settings
 from dispatchd.core.db import Database
 from dispatchd.core.sweeper import Sweeper
 from dispatchd.matching.models import Booking, BookingOffer, BookingStatus, FinalStatus, MatchingMetrics
+from dispatchd.notifications import admin as notifications_admin
 from dispatchd.notifications.delivery import DeliveryWorker
 
 
@@ -74,11 +75,16 @@ async def health_report(
     backlog, oldest = await delivery.backlog()
     now = db.clock.now()
     oldest_age = (now - oldest).total_seconds() if oldest else None
+    # Graded on what must reach people in seconds (customers, admins): driver offers expire by design.
+    must = await notifications_admin.oldest_must_deliver_due(db)
+    must_age = (now - must).total_seconds() if must else None
+    bound = settings.notification_latency_alert_s
     components["notifications"] = {
-        "status": _grade(oldest_age, 60, 300),
+        "status": _grade(must_age, bound, 5 * bound),
         "channel": delivery.channel.name,
         "backlog": backlog,
         "oldest_waiting_s": None if oldest_age is None else round(oldest_age, 3),
+        "oldest_customer_or_admin_due_s": None if must_age is None else round(must_age, 3),
     }
 
     level, state = await sweeper_state(sweeper, settings)

@@ -15,6 +15,7 @@ from dispatchd.notifications import outbox, pacing
 from dispatchd.notifications.breaker import CircuitBreaker
 from dispatchd.notifications.models import OPEN_STATUSES, AlertState, Notification, NotificationStatus
 from dispatchd.notifications.outbox import Message
+from dispatchd.notifications.policy import Priority
 
 RETRYABLE = (
     NotificationStatus.FAILED.value,
@@ -116,6 +117,18 @@ async def retry_failed(
             for row in rows:
                 row.next_attempt_at = session.info["now"]
         return found
+
+
+async def oldest_must_deliver_due(db: Database) -> datetime | None:
+    """``created_at`` of the oldest customer or admin message (priority ≤ NORMAL) that is due and unsent."""
+    async with db.read() as session:
+        return await session.scalar(
+            select(func.min(Notification.created_at)).where(
+                Notification.status.in_([s.value for s in OPEN_STATUSES]),
+                Notification.next_attempt_at <= session.info["now"],
+                Notification.priority <= Priority.NORMAL,
+            )
+        )
 
 
 async def health(db: Database, breakers: list[CircuitBreaker] | None = None) -> dict[str, Any]:
