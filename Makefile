@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_matching
 	$(BIN)/python -m bench.bench_reservations
 	$(BIN)/python -m bench.bench_notifications
+	$(BIN)/python -m bench.bench_outbox_peak
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
