@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from dispatchd.core.db import Database
 from dispatchd.matching import messages
 from dispatchd.notifications import admin, outbox
-from dispatchd.notifications.alerts import AlertMonitor, Thresholds
+from dispatchd.notifications.alerts import AlertMonitor, Thresholds, combine_alerts
 from dispatchd.notifications.channels.base import OutboundMessage, SendResult
 from dispatchd.notifications.channels.whatsapp_cloud import build_payload
 from dispatchd.notifications.delivery import DeliveryWorker
@@ -355,3 +355,81 @@ async def test_a_message_that_expires_between_claim_and_send_is_not_sent(service
     await worker._record(lane, [await worker._send(lane, claimed)], probing=False)
     [row] = await _rows(services)
     assert (row.status, row.sent_at) == ("EXPIRED", None) and channel.sent == []
+
+
+class FailingChannel(RecordingChannel):
+    """Refuses every send with a temporary error (HTTP 503)."""
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        from dispatchd.notifications.channels.base import ChannelError
+
+        self.sent.append(message)
+        raise ChannelError("HTTP 503", temporary=True)
+
+
+async def test_an_offer_made_moot_in_flight_is_cancelled_when_its_send_fails(services, clock):
+    matching = services.matching
+    channel = FailingChannel()
+    worker = _worker(services, channel)
+    seen, winner = [await matching.create_driver(driver_data()) for _ in range(2)]
+    booking = await matching.create_booking(booking_data())
+    await matching.start_matching(booking.id)
+    claimed = await worker._claim()  # the offers are in flight…
+    await matching.respond(booking.id, winner.id, "ACCEPT")  # …when the booking is taken
+
+    [in_flight] = await _rows(services, category="driver_offer", recipient=seen.phone)
+    assert (in_flight.status, in_flight.cancel_reason) == ("SENDING", "booking assigned")
+    assert not await _rows(services, category="offer_taken")  # not SENT yet: nobody is told
+    lane = worker.lanes[0]
+    await worker._record(lane, [await worker._send(lane, item) for item in claimed], probing=False)
+
+    [row] = await _rows(services, category="driver_offer", recipient=seen.phone)
+    assert (row.status, row.next_attempt_at) == ("CANCELLED", None)  # not retried: it is moot
+    [started] = await _rows(services, category="customer_search_started")
+    assert (started.status, started.cancel_reason) == ("CANCELLED", "driver found")
+    clock.advance(6)  # the customer's phone was called: its next slot
+    assert await worker.run_once() == 1  # only the customer's "chauffeur trouvé" is left to send
+    assert [m.category for m in channel.sent[len(claimed) :]] == ["customer_driver_found"]
+
+
+async def test_a_slow_send_holds_the_phone_until_the_provider_answers(services, clock):
+    channel = RecordingChannel()
+    worker = DeliveryWorker(services.db, channel, concurrency=4, recipient_interval_s=6, lease_s=60)
+    other = DeliveryWorker(services.db, channel, concurrency=4, recipient_interval_s=6, lease_s=60)
+    phone = "+221770000800"
+    await _enqueue(services, _offer(phone, 1))
+    clock.advance(0.1)
+    await _enqueue(services, _offer(phone, 2))
+    [claimed] = await worker._claim()
+    clock.advance(6.5)  # the provider has not answered yet
+    assert await other.run_once() == 0  # the phone is still held: Meta would refuse a second message
+    lane = worker.lanes[0]
+    await worker._record(lane, [await worker._send(lane, claimed)], probing=False)
+    clock.advance(5.9)
+    assert await other.run_once() == 0  # 6 s from the answer, not from the claim
+    clock.advance(0.1)
+    assert await other.run_once() == 1
+
+
+async def test_a_burst_of_admin_alerts_reaches_the_admin_as_one_digest(services, clock):
+    channel = RecordingChannel()
+    worker = DeliveryWorker(
+        services.db, channel, recipient_interval_s=6, coalescers={"admin_alert": combine_alerts}
+    )
+    await _enqueue(services, Message(recipient="+33600000000", category="admin_alert", body="first"))
+    await worker.run_once()
+    await _enqueue(
+        services,
+        *(
+            Message(recipient="+33600000000", category="admin_alert", body=f"timeout {n} " * 60)
+            for n in range(12)
+        ),
+    )
+    clock.advance(6)
+    await worker.run_once()
+    [_, digest] = channel.sent
+    assert digest.body.startswith("🚨 *10 ALERTES ADMIN*") and len(digest.body) <= 4096
+    clock.advance(6)
+    await worker.run_once()
+    assert channel.sent[-1].body.startswith("🚨 *2 ALERTES ADMIN*")
+    assert {row.status for row in await _rows(services, category="admin_alert")} == {"SENT"}

@@ -3,7 +3,8 @@
 A real ``dispatchd serve`` process (SQLite file, real clock, sweeper and delivery worker on, pacing
 ``DISPATCHD_RECIPIENT_INTERVAL_S=6``) takes the shipped trace's busiest 30 minutes
 (2014-04-30 18:22–18:52, 110 pickups) replayed by :func:`dispatchd.replay.run_replay` at ×40 with 100
-drivers (44 s of bookings; 70–100 s per run on 2 cores when the outbox keeps up), twice:
+drivers, searches lasting ``SEARCH_TIMEOUT_S`` = 40 s real (44 s of bookings; 70–100 s per run on 2 cores
+when the outbox keeps up), twice:
 
 - ``log`` channel, drivers reading their offers from the event log (``--fleet events``);
 - ``whatsapp_cloud`` channel to the fake WhatsApp Cloud API (``dispatchd fake-whatsapp``, its own process,
@@ -59,6 +60,9 @@ DRIVERS = 100
 PAIR_INTERVAL_S = 6.0
 MUST_DELIVER_BOUND_S = 15.0
 SWEEP_GRACE_S = 2.0
+# Real seconds a search lasts: every search ends within the drain, and the timeouts' "aucun chauffeur" and
+# admin alerts (a burst, to one admin phone) are among the messages checked.
+SEARCH_TIMEOUT_S = 40.0
 DRAIN_TIMEOUT_S = 60.0  # real seconds for the last searches after the last booking
 OUTBOX_WAIT_S = 45.0  # then for the customer and admin messages
 SETTLE_TIMEOUT_S = 45.0  # then for every row to be final (offers and notices expire within 30 s)
@@ -124,6 +128,7 @@ async def peak_server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY,
         "DISPATCHD_ADMIN_PHONES": ADMIN_PHONE,
         "DISPATCHD_RECIPIENT_INTERVAL_S": str(PAIR_INTERVAL_S),
+        "DISPATCHD_SEARCH_TIMEOUT_S": str(SEARCH_TIMEOUT_S),
         "DISPATCHD_RATE_LIMIT": "",
         "DISPATCHD_LOG_LEVEL": "WARNING",
         "DISPATCHD_LOG_JSON": "true",

@@ -36,7 +36,7 @@ from dispatchd.matching import router as matching_router
 from dispatchd.matching.service import Category, MatchingConfig, MatchingService
 from dispatchd.notifications import router as notifications_router
 from dispatchd.notifications import webhooks
-from dispatchd.notifications.alerts import AlertMonitor, Thresholds
+from dispatchd.notifications.alerts import AlertMonitor, Thresholds, combine_alerts
 from dispatchd.notifications.delivery import DeliveryWorker
 from dispatchd.notifications.expiry import OutboxExpiry
 from dispatchd.notifications.wiring import build_lanes
@@ -109,6 +109,7 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
         coalescers={
             Category.DRIVER_OFFER: messages.combine_offers,
             Category.OFFER_TAKEN: messages.combine_taken,
+            Category.ADMIN_ALERT: combine_alerts,
         },
     )
     expiry = OutboxExpiry()

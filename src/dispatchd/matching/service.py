@@ -847,9 +847,8 @@ class MatchingService:
             await session.refresh(booking)
             notices: list[Message] = []
             if previous is BookingStatus.SEARCHING:
-                notices += await self._close_open_offers(
-                    session, booking, tell_drivers=True, reason="booking cancelled"
-                )
+                notices += await self._close_open_offers(session, booking, tell_drivers=True)
+                await outbox.cancel(session, [self._moot_on_close(booking, "booking cancelled")])
                 await self._finish_metrics(session, booking_id, FinalStatus.CANCELLED)
             if previous is BookingStatus.ASSIGNED and booking.driver_id:
                 driver = await self._release_driver(session, booking)
@@ -922,22 +921,23 @@ class MatchingService:
         events.append(session, _driver_topic(driver.id), "DriverUpdated", {"status": driver.status})
         return driver
 
+    def _moot_on_close(self, booking: Booking, reason: str) -> Cancellation:
+        """What a search ending without a driver makes moot: its unsent offers and the customer's
+        "recherche en cours"."""
+        moot = (Category.DRIVER_OFFER, Category.CUSTOMER_SEARCH_STARTED)
+        return Cancellation(reason, moot, subject=_booking_topic(booking.id))
+
     async def _close_open_offers(
-        self, session: AsyncSession, booking: Booking, *, tell_drivers: bool, reason: str
+        self, session: AsyncSession, booking: Booking, *, tell_drivers: bool
     ) -> list[Message]:
-        """Open offers → CANCELLED; their queued offer messages and the customer's unsent "recherche en
-        cours" are cancelled as moot (``reason``); return the messages telling the drivers who actually
-        received the offer (when asked)."""
+        """Open offers → CANCELLED; return the messages telling the drivers who actually received the offer
+        (when asked). The caller cancels the queued messages this makes moot (:meth:`_moot_on_close`)."""
         closed = await self._close_offers(session, booking.id, OfferResponse.CANCELLED)
         for driver_id in closed:
             events.append(session, _driver_topic(driver_id), "OfferCancelled", {"booking_id": booking.id})
-        topic = _booking_topic(booking.id)
-        await outbox.cancel(
-            session,
-            [Cancellation(reason, (Category.DRIVER_OFFER, Category.CUSTOMER_SEARCH_STARTED), subject=topic)],
-        )
         if not tell_drivers or not closed:
             return []
+        topic = _booking_topic(booking.id)
         handed = await outbox.handed_recipients(session, subject=topic, category=Category.DRIVER_OFFER)
         return [
             Message(
@@ -946,6 +946,8 @@ class MatchingService:
                 body=messages.booking_cancelled_driver(booking),
                 subject=topic,
                 payload={"booking_id": booking.id, "trip": messages.trip_line(booking)},
+                # a notice about an offer: useless once the offer would have expired anyway
+                expires_at=_now(session) + timedelta(seconds=self.config.offer_timeout_s),
             )
             for phone in await self._phones(session, closed)
             if phone in handed
@@ -1027,13 +1029,15 @@ class MatchingService:
                     )
                 ).all()
             )
+            moot: list[Cancellation] = []
             for booking in due:
                 booking.status = BookingStatus.TIMEOUT.value
                 booking.version += 1
                 booking.finished_at = booking.updated_at = now
                 booking.next_wave_at = None
                 await session.flush()
-                await self._close_open_offers(session, booking, tell_drivers=False, reason="search timed out")
+                await self._close_open_offers(session, booking, tell_drivers=False)
+                moot.append(self._moot_on_close(booking, "search timed out"))
                 await self._finish_metrics(session, booking.id, FinalStatus.TIMEOUT)
                 admins = self.config.admin_phones or ("admin",)
                 await outbox.enqueue(
@@ -1062,7 +1066,9 @@ class MatchingService:
                     "BookingTimedOut",
                     {"status": booking.status, "version": booking.version},
                 )
-                log.warning("search timeout", booking_id=booking.id, customer_phone=booking.customer_phone)
+                log.warning("search timeout", booking_id=booking.id)  # never a customer's phone in a log
+            # one call: every moot row of the batch locked in one order (no deadlock with an accept)
+            await outbox.cancel(session, moot)
             return len(due)
 
     @retry_transient

@@ -19,6 +19,7 @@ an ``admin_alert`` message through the outbox to every ``DISPATCHD_ADMIN_PHONES`
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -30,13 +31,20 @@ from dispatchd.core.db import Database
 from dispatchd.core.logging import get_logger
 from dispatchd.notifications import outbox
 from dispatchd.notifications.breaker import CircuitBreaker, CircuitState
+from dispatchd.notifications.channels.base import OutboundMessage
 from dispatchd.notifications.models import OPEN_STATUSES, AlertState, Notification, NotificationStatus
-from dispatchd.notifications.outbox import Message
+from dispatchd.notifications.outbox import Combined, Message
 from dispatchd.notifications.policy import Priority
 
 log = get_logger("dispatchd.notifications.alerts")
 
 FAILED = (NotificationStatus.FAILED.value, NotificationStatus.FAILED_PERMANENT.value)
+
+#: Alerts one digest carries at most, and how much of each it quotes, so that it stays under WhatsApp's
+#: 4,096 characters; the rest wait for the admin's next slot.
+ALERTS_PER_DIGEST_MAX = 10
+ALERT_EXCERPT_MAX = 380
+DIGEST_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -208,3 +216,15 @@ def _text(alert: Alert, now: datetime) -> str:
         "- après correction: `dispatchd notifications retry`\n\n"
         f"Règle: {alert.rule} · {now.strftime('%d/%m/%Y %H:%M UTC')}"
     )
+
+
+def combine_alerts(alerts: Sequence[OutboundMessage]) -> Combined:
+    """One digest for an admin's queued alerts, oldest first: a burst of search timeouts at a peak reaches
+    the admin in one message instead of one per 6 s (Meta's pair limit)."""
+    chosen = list(alerts)[:ALERTS_PER_DIGEST_MAX]
+    excerpts = [
+        alert.body if len(alert.body) <= ALERT_EXCERPT_MAX else alert.body[: ALERT_EXCERPT_MAX - 1] + "…"
+        for alert in chosen
+    ]
+    body = f"🚨 *{len(chosen)} ALERTES ADMIN*\n\n" + "\n\n———\n\n".join(excerpts)
+    return Combined(tuple(alert.id for alert in chosen), body[:DIGEST_MAX], {})

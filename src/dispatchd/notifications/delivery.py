@@ -43,11 +43,11 @@ from typing import Any
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, func, literal, null, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import metrics
-from dispatchd.core.db import Database
+from dispatchd.core.db import Database, retry_transient
 from dispatchd.core.logging import get_logger
 from dispatchd.notifications import pacing, policy
 from dispatchd.notifications.breaker import CircuitBreaker
@@ -99,12 +99,25 @@ class _Claimed:
 
 
 def _due(now: datetime) -> ColumnElement[bool]:
-    """Rows a claim may take now: open, due, not expired."""
+    """Rows a claim may take now: open, due, not expired, not made moot while in flight."""
     return and_(
         Notification.status.in_([s.value for s in OPEN_STATUSES]),
         Notification.next_attempt_at <= now,
         or_(Notification.expires_at.is_(None), Notification.expires_at > now),
+        Notification.cancel_reason.is_(None),
     )
+
+
+def _unless_cancelled(values: dict[str, Any]) -> dict[str, Any]:
+    """The new state of a row whose send did not succeed, or CANCELLED when a change made it moot while it
+    was in flight (``cancel_reason`` set by :func:`dispatchd.notifications.outbox.cancel`)."""
+    moot = Notification.cancel_reason.is_not(None)
+    guarded = {**values, "status": case((moot, NotificationStatus.CANCELLED.value), else_=values["status"])}
+    after = values.get("next_attempt_at")
+    if after is not None:
+        column_type = Notification.__table__.c.next_attempt_at.type
+        guarded["next_attempt_at"] = case((moot, null()), else_=literal(after, column_type))
+    return guarded
 
 
 def _current_lease(statement, member: _Member):
@@ -224,8 +237,12 @@ class DeliveryWorker:
             now: datetime = session.info["now"]
             leads = await self._leads(session, lane, now, limit)
             if self.recipient_interval_s and leads:
+                # the slot is held for the whole flight; the record moves it to the answer + interval
                 free = await pacing.take_slots(
-                    session, (row.recipient for row in leads), now, self.recipient_interval_s
+                    session,
+                    (row.recipient for row in leads),
+                    now,
+                    max(self.lease_s, self.recipient_interval_s),
                 )
                 leads = [row for row in leads if not pacing.is_paced(row.recipient) or row.recipient in free]
             claimed = [
@@ -287,6 +304,7 @@ class DeliveryWorker:
                     Notification.recipient.in_(sorted({row.recipient for row in mergeable})),
                     Notification.category.in_(sorted({row.category for row in mergeable})),
                     Notification.status.in_(UNSENT_STATUSES),
+                    Notification.cancel_reason.is_(None),
                     Notification.id.not_in([row.id for row in leads]),
                     or_(Notification.expires_at.is_(None), Notification.expires_at > now),
                 )
@@ -362,39 +380,59 @@ class DeliveryWorker:
         return total
 
     async def _record(self, lane: Lane, outcomes, probing: bool) -> None:
-        """One transaction for a batch's outcomes; the sent rows (the bulk) in one executemany."""
+        """Decide each outcome once (breaker, metrics), then write them all in one transaction."""
         name = lane.channel.name
+        now = self.db.clock.now()
+        changes: list[tuple[_Member, dict[str, Any]]] = []
+        sent: list[dict[str, Any]] = []
+        for item, outcome in outcomes:
+            if outcome is None:
+                metrics.NOTIFICATIONS.labels(name, "expired", "").inc(len(item.members))
+                expired = {"status": NotificationStatus.EXPIRED.value, "next_attempt_at": None}
+                changes += [(member, expired) for member in item.members]
+            elif isinstance(outcome, ChannelError):
+                changes += self._after_error(lane, item, outcome, now, probing)
+            else:
+                lane.breaker.record(True)
+                metrics.NOTIFICATIONS.labels(name, "sent", "").inc(len(item.members))
+                sent += [
+                    {
+                        "b_id": member.id,
+                        "b_attempts": member.attempts,
+                        "b_sent_at": now,
+                        "b_wamid": outcome.provider_message_id,
+                        "b_carried_by": None if member.id == item.message.id else item.message.id,
+                    }
+                    for member in item.members
+                ]
+        called = {item.message.recipient for item, outcome in outcomes if outcome is not None}
+        skipped = {item.message.recipient for item, outcome in outcomes if outcome is None} - called
+        await self._write_outcomes(changes, sent, called, skipped, now)
+
+    @retry_transient
+    async def _write_outcomes(
+        self,
+        changes: list[tuple[_Member, dict[str, Any]]],
+        sent: list[dict[str, Any]],
+        called: set[str],
+        skipped: set[str],
+        now: datetime,
+    ) -> None:
+        """One transaction, safe to repeat after a deadlock: every row write is guarded by the lease. The
+        phones called get their next slot ``recipient_interval_s`` after the provider's answer (Meta counts
+        from its acceptance); the phones whose message was not sent get theirs back at once."""
         async with self.db.transaction() as session:
-            now: datetime = session.info["now"]
-            sent: list[dict[str, Any]] = []
-            for item, outcome in outcomes:
-                if outcome is None:
-                    metrics.NOTIFICATIONS.labels(name, "expired", "").inc(len(item.members))
-                    expired = {"status": NotificationStatus.EXPIRED.value, "next_attempt_at": None}
-                    changes = [(member, expired) for member in item.members]
-                elif isinstance(outcome, ChannelError):
-                    changes = self._after_error(lane, item, outcome, now, probing)
-                else:
-                    lane.breaker.record(True)
-                    metrics.NOTIFICATIONS.labels(name, "sent", "").inc(len(item.members))
-                    sent += [
-                        {
-                            "b_id": member.id,
-                            "b_attempts": member.attempts,
-                            "b_sent_at": now,
-                            "b_wamid": outcome.provider_message_id,
-                            "b_carried_by": None if member.id == item.message.id else item.message.id,
-                        }
-                        for member in item.members
-                    ]
-                    continue
-                for member, values in changes:
-                    await session.execute(_current_lease(update(Notification), member).values(**values))
+            for member, values in changes:
+                await session.execute(
+                    _current_lease(update(Notification), member).values(**_unless_cancelled(values))
+                )
             if sent:
                 await session.execute(_RECORD_SENT, sent)
             if self.recipient_interval_s:
-                called = (item.message.recipient for item, outcome in outcomes if outcome is not None)
-                await pacing.hold_after_send(session, called, now, self.recipient_interval_s)
+                await pacing.set_next_slots(
+                    session, called, now + timedelta(seconds=self.recipient_interval_s)
+                )
+                await pacing.set_next_slots(session, skipped, now)
 
     def _after_error(
         self, lane: Lane, item: _Claimed, error: ChannelError, now: datetime, probing: bool

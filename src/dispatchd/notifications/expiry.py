@@ -41,8 +41,9 @@ class OutboxExpiry:
         self._slots_forgotten_at: datetime | None = None
 
     async def expire_due(self, db: Database, limit: int) -> int:
-        """Expire at most ``limit`` due rows (oldest expiry first, ``SKIP LOCKED``); return how many. Also
-        forgets pacing slots that ended long ago, at most every :data:`FORGET_SLOTS_EVERY_S`."""
+        """Expire at most ``limit`` due rows (oldest expiry first, ``SKIP LOCKED``), cancel the moot messages
+        whose sender died mid-flight (lease over, ``cancel_reason`` set); return how many rows changed.
+        Also forgets pacing slots that ended long ago, at most every :data:`FORGET_SLOTS_EVERY_S`."""
         async with db.transaction() as session:
             now: datetime = session.info["now"]
             ids = list(
@@ -64,11 +65,22 @@ class OutboxExpiry:
                     .execution_options(synchronize_session=False)
                 )
                 metrics.NOTIFICATIONS.labels("outbox", "expired", "").inc(len(ids))
+            # A moot message whose sender died mid-flight: its lease ran out, nobody will send it again.
+            abandoned = await session.execute(
+                update(Notification)
+                .where(
+                    Notification.status == NotificationStatus.SENDING.value,
+                    Notification.next_attempt_at <= now,
+                    Notification.cancel_reason.is_not(None),
+                )
+                .values(status=NotificationStatus.CANCELLED.value, next_attempt_at=None)
+                .execution_options(synchronize_session=False)
+            )
             forgotten = self._slots_forgotten_at
             if forgotten is None or now - forgotten >= timedelta(seconds=FORGET_SLOTS_EVERY_S):
                 self._slots_forgotten_at = now
                 await pacing.forget_old_slots(session, now)
-            return len(ids)
+            return len(ids) + (abandoned.rowcount or 0)
 
     async def oldest_due(self, session: AsyncSession, now: datetime) -> datetime | None:
         """The earliest ``expires_at`` not yet applied (the sweeper's lag for this deadline)."""

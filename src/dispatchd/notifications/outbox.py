@@ -26,9 +26,8 @@ from dispatchd.notifications.policy import priority_for
 
 #: Not yet handed to a provider: what a cancellation can still take back (SENDING is in flight).
 UNSENT_STATUSES = (NotificationStatus.PENDING.value, NotificationStatus.FAILED.value)
-#: Handed to the provider, as far as we know: the recipient may have seen it.
+#: Handed to the provider: the recipient may have seen it.
 HANDED_STATUSES = (
-    NotificationStatus.SENDING.value,
     NotificationStatus.SENT.value,
     NotificationStatus.DELIVERED.value,
     NotificationStatus.READ.value,
@@ -121,19 +120,25 @@ class Cancellation:
 
 async def cancel(session: AsyncSession, cancellations: Sequence[Cancellation]) -> list[list[str]]:
     """Cancel, in the current unit of work, the messages each cancellation names that are not yet handed
-    to a provider (PENDING or FAILED); return, per cancellation, the recipients of the rows it cancelled.
+    to a provider (PENDING or FAILED → CANCELLED with ``cancel_reason``); return, per cancellation, the
+    recipients of the rows it cancelled.
 
-    Messages in flight (SENDING) or sent are left alone: they cannot be taken back. All rows are locked
-    first in one statement, in id order, so two changes cancelling overlapping rows never deadlock.
+    A message in flight (SENDING) cannot be taken back: it gets the ``cancel_reason`` and keeps its
+    status. If its send succeeds it is SENT; if it fails, it becomes CANCELLED instead of being retried,
+    and no claim takes it again. All rows are locked first in one statement, in id order, so two changes
+    cancelling overlapping rows never deadlock.
     """
     rules = [rule for rule in cancellations if rule.recipients is None or rule.recipients]
     if not rules:
         return [[] for _ in cancellations]
     unsent = Notification.status.in_(UNSENT_STATUSES)
+    in_flight = (Notification.status == NotificationStatus.SENDING.value) & Notification.cancel_reason.is_(
+        None
+    )
     await session.execute(
         lock_for_update(
             select(Notification.id)
-            .where(unsent, or_(*(rule.where() for rule in rules)))
+            .where(unsent | in_flight, or_(*(rule.where() for rule in rules)))
             .order_by(Notification.id)
         )
     )
@@ -151,12 +156,19 @@ async def cancel(session: AsyncSession, cancellations: Sequence[Cancellation]) -
             .execution_options(synchronize_session=False)
         )
         results[id(rule)] = sorted(rows.scalars().all())
+        await session.execute(
+            update(Notification)
+            .where(in_flight, rule.where())
+            .values(cancel_reason=rule.reason[:80])
+            .execution_options(synchronize_session=False)
+        )
     return [results.get(id(rule), []) for rule in cancellations]
 
 
 async def handed_recipients(session: AsyncSession, *, subject: str, category: str) -> set[str]:
-    """Recipients whose ``category`` message about ``subject`` was handed to the provider (SENDING, SENT,
-    DELIVERED or READ, including messages carried inside another one)."""
+    """Recipients whose ``category`` message about ``subject`` was handed to the provider (SENT, DELIVERED
+    or READ, including messages carried inside another one). A message still in flight does not count:
+    it may yet fail."""
     rows = await session.scalars(
         select(Notification.recipient)
         .where(

@@ -37,19 +37,20 @@ def held(now: datetime) -> ColumnElement[bool]:
 
 
 async def take_slots(
-    session: AsyncSession, recipients: Iterable[str], now: datetime, interval_s: float
+    session: AsyncSession, recipients: Iterable[str], now: datetime, hold_s: float
 ) -> set[str]:
     """Take the current slot of each phone that is free at ``now``; return the phones taken.
 
-    A taken phone's next slot moves to ``now + interval_s``. One statement, phones in a fixed order
-    (PostgreSQL waits on a slot another transaction is taking, then sees it taken).
+    A taken phone is held until ``now + hold_s`` (the delivery lease: the send is in flight), then
+    :func:`set_next_slots` moves it to the provider's answer + the interval. One statement, phones in a
+    fixed order (PostgreSQL waits on a slot another transaction is taking, then sees it taken).
     """
     phones = sorted({r for r in recipients if is_paced(r)})
     if not phones:
         return set()
     dialect = session.bind.dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    following = now + timedelta(seconds=interval_s)
+    following = now + timedelta(seconds=hold_s)
     statement = insert(RecipientPacing).values(
         [{"recipient": phone, "next_slot_at": following} for phone in phones]
     )
@@ -62,22 +63,23 @@ async def take_slots(
     return set(taken.scalars().all())
 
 
-async def hold_after_send(
-    session: AsyncSession, recipients: Iterable[str], now: datetime, interval_s: float
-) -> None:
-    """Move each phone's next slot to ``now + interval_s`` (``now`` = when the provider answered).
+async def set_next_slots(session: AsyncSession, recipients: Iterable[str], at: datetime) -> None:
+    """Set the next slot of these phones to ``at``: ``answer + interval`` after a send (Meta counts from its
+    acceptance, which comes after our claim, however long the call took), or now when nothing was sent.
 
-    Meta counts the interval from when it accepted the previous message, which is after our claim: the
-    slot taken at claim time is pushed back once the send is over, so the next message never arrives
-    early however long the call took."""
+    The rows are locked first in phone order, as :func:`take_slots` takes them, so a claim and a record
+    never deadlock on PostgreSQL."""
     phones = sorted({r for r in recipients if is_paced(r)})
     if not phones:
         return
-    following = now + timedelta(seconds=interval_s)
     await session.execute(
-        update(RecipientPacing)
-        .where(RecipientPacing.recipient.in_(phones), RecipientPacing.next_slot_at < following)
-        .values(next_slot_at=following)
+        select(RecipientPacing.recipient)
+        .where(RecipientPacing.recipient.in_(phones))
+        .order_by(RecipientPacing.recipient)
+        .with_for_update()
+    )
+    await session.execute(
+        update(RecipientPacing).where(RecipientPacing.recipient.in_(phones)).values(next_slot_at=at)
     )
 
 
