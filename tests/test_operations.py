@@ -71,6 +71,8 @@ async def test_metrics_are_exposed_for_prometheus(client, services):
     assert (
         "dispatchd_notification_backlog 1.0" in text
         and "dispatchd_notification_oldest_pending_seconds" in text
+        and "dispatchd_notification_held_by_pacing 0.0" in text
+        and "dispatchd_notification_oldest_customer_or_admin_due_seconds 0.0" in text
     )
 
 

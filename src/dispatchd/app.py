@@ -358,7 +358,7 @@ def create_app(
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
-        await services.delivery.backlog()  # refreshes the backlog and oldest-pending gauges
+        await services.delivery.backlog()  # refreshes the outbox gauges
         active, utilization = await services.reservations.utilization()
         reservation_metrics.ACTIVE_RESOURCES.set(active)
         reservation_metrics.CAPACITY_UTILIZATION.set(utilization or 0.0)

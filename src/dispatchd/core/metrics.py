@@ -36,6 +36,13 @@ NOTIFICATION_BACKLOG = Gauge("dispatchd_notification_backlog", "Notifications wa
 OLDEST_PENDING_AGE = Gauge(
     "dispatchd_notification_oldest_pending_seconds", "Age of the oldest waiting message"
 )
+OLDEST_MUST_DELIVER_AGE = Gauge(
+    "dispatchd_notification_oldest_customer_or_admin_due_seconds",
+    "How long the oldest due, unsent customer or admin message has waited (0 when none)",
+)
+HELD_BY_PACING = Gauge(
+    "dispatchd_notification_held_by_pacing", "Due messages waiting only for their phone's next pacing slot"
+)
 CIRCUIT_STATE = Gauge("dispatchd_channel_circuit_state", "0 closed, 1 open, 2 half-open", ["channel"])
 UNKNOWN_ERRORS = Counter(
     "dispatchd_notification_unknown_errors_total", "Provider errors not in the table", ["channel"]

@@ -513,8 +513,10 @@ class DeliveryWorker:
     # ------------------------------------------------------------------------------------------ backlog
 
     async def backlog(self) -> tuple[int, datetime | None]:
-        """``(rows waiting, created_at of the oldest)`` among PENDING / SENDING / FAILED rows."""
+        """``(rows waiting, created_at of the oldest)`` among PENDING / SENDING / FAILED rows; also refreshes
+        the gauges of the oldest due customer or admin message and of the rows held by pacing."""
         async with self.db.read() as session:
+            now = session.info["now"]
             count, oldest = (
                 await session.execute(
                     select(func.count(), func.min(Notification.created_at)).where(
@@ -522,9 +524,19 @@ class DeliveryWorker:
                     )
                 )
             ).one()
-            now = session.info["now"]
+            due = and_(
+                Notification.status.in_([s.value for s in OPEN_STATUSES]), Notification.next_attempt_at <= now
+            )
+            must = await session.scalar(
+                select(func.min(Notification.created_at)).where(
+                    due, Notification.priority <= policy.Priority.NORMAL
+                )
+            )
+            held = await pacing.count_held(session, now, due)
         metrics.NOTIFICATION_BACKLOG.set(count)
         metrics.OLDEST_PENDING_AGE.set((now - oldest).total_seconds() if oldest else 0)
+        metrics.OLDEST_MUST_DELIVER_AGE.set((now - must).total_seconds() if must else 0)
+        metrics.HELD_BY_PACING.set(held)
         return int(count), oldest
 
     async def run_forever(self, stop: asyncio.Event, *, idle_s: float = 1.0) -> None:
