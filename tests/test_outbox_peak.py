@@ -433,3 +433,20 @@ async def test_a_burst_of_admin_alerts_reaches_the_admin_as_one_digest(services,
     await worker.run_once()
     assert channel.sent[-1].body.startswith("🚨 *2 ALERTES ADMIN*")
     assert {row.status for row in await _rows(services, category="admin_alert")} == {"SENT"}
+
+
+async def test_an_operator_can_still_send_a_message_cancelled_as_moot(services):
+    channel = RecordingChannel()
+    worker = _worker(services, channel)
+    matching = services.matching
+    driver, winner = [await matching.create_driver(driver_data()) for _ in range(2)]
+    booking = await matching.create_booking(booking_data())
+    await matching.start_matching(booking.id)
+    await matching.respond(booking.id, winner.id, "ACCEPT")
+    [moot] = await _rows(services, category="driver_offer", recipient=driver.phone)
+    assert moot.status == "CANCELLED"
+
+    await admin.retry_one(services.db, moot.id)
+    await worker.run_once()
+    [row] = await _rows(services, category="driver_offer", recipient=driver.phone)
+    assert (row.status, row.cancel_reason) == ("SENT", None)

@@ -60,6 +60,7 @@ async def retry_one(db: Database, notification_id: str) -> Notification:
         row.status = NotificationStatus.PENDING.value
         row.attempts = 0
         row.next_attempt_at = session.info["now"]
+        row.cancel_reason = None  # an operator's choice overrides "moot"
         return row
 
 
