@@ -41,8 +41,9 @@ class OutboxExpiry:
         self._slots_forgotten_at: datetime | None = None
 
     async def expire_due(self, db: Database, limit: int) -> int:
-        """Expire at most ``limit`` due rows (oldest expiry first, ``SKIP LOCKED``), cancel the moot messages
-        whose sender died mid-flight (lease over, ``cancel_reason`` set); return how many rows changed.
+        """Expire at most ``limit`` due rows (oldest expiry first, ``SKIP LOCKED``), end the messages made
+        moot in flight that are open again (``cancel_reason`` set: lease over, or put back by a late
+        provider status) as CANCELLED; return how many rows changed.
         Also forgets pacing slots that ended long ago, at most every :data:`FORGET_SLOTS_EVERY_S`."""
         async with db.transaction() as session:
             now: datetime = session.info["now"]
@@ -65,13 +66,17 @@ class OutboxExpiry:
                     .execution_options(synchronize_session=False)
                 )
                 metrics.NOTIFICATIONS.labels("outbox", "expired", "").inc(len(ids))
-            # A moot message whose sender died mid-flight: its lease ran out, nobody will send it again.
+            # A message made moot while in flight that is open again: its sender died mid-flight (lease
+            # over), or a late provider status put it back in the queue. No claim takes it: end it.
             abandoned = await session.execute(
                 update(Notification)
                 .where(
-                    Notification.status == NotificationStatus.SENDING.value,
-                    Notification.next_attempt_at <= now,
                     Notification.cancel_reason.is_not(None),
+                    or_(
+                        Notification.status.in_(UNSENT_STATUSES),
+                        (Notification.status == NotificationStatus.SENDING.value)
+                        & (Notification.next_attempt_at <= now),
+                    ),
                 )
                 .values(status=NotificationStatus.CANCELLED.value, next_attempt_at=None)
                 .execution_options(synchronize_session=False)
