@@ -34,6 +34,7 @@ from dispatchd.deps import PrincipalCache, principal
 from dispatchd.matching import deadlines, messages
 from dispatchd.matching import router as matching_router
 from dispatchd.matching.service import Category, MatchingConfig, MatchingService
+from dispatchd.notifications import admin as notifications_admin
 from dispatchd.notifications import router as notifications_router
 from dispatchd.notifications import webhooks
 from dispatchd.notifications.alerts import AlertMonitor, Thresholds, combine_alerts
@@ -358,7 +359,7 @@ def create_app(
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
-        await services.delivery.backlog()  # refreshes the outbox gauges
+        await notifications_admin.backlog(services.db)  # refreshes the outbox gauges
         active, utilization = await services.reservations.utilization()
         reservation_metrics.ACTIVE_RESOURCES.set(active)
         reservation_metrics.CAPACITY_UTILIZATION.set(utilization or 0.0)

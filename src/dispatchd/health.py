@@ -72,19 +72,20 @@ async def health_report(
         }
         return _finish(components, {})
 
-    backlog, oldest = await delivery.backlog()
+    outbox = await notifications_admin.backlog(db)
     now = db.clock.now()
-    oldest_age = (now - oldest).total_seconds() if oldest else None
+    oldest_age = (now - outbox.oldest).total_seconds() if outbox.oldest else None
     # Graded on what must reach people in seconds (customers, admins): driver offers expire by design.
-    must = await notifications_admin.oldest_must_deliver_due(db)
+    must = outbox.oldest_must_deliver
     must_age = (now - must).total_seconds() if must else None
     bound = settings.notification_latency_alert_s
     components["notifications"] = {
         "status": _grade(must_age, bound, 5 * bound),
         "channel": delivery.channel.name,
-        "backlog": backlog,
+        "backlog": outbox.open,
         "oldest_waiting_s": None if oldest_age is None else round(oldest_age, 3),
         "oldest_customer_or_admin_due_s": None if must_age is None else round(must_age, 3),
+        "held_by_pacing": outbox.held_by_pacing,
     }
 
     level, state = await sweeper_state(sweeper, settings)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from dispatchd.core import metrics
 from dispatchd.core.db import Database
 from dispatchd.core.errors import InvalidState, NotFound
 from dispatchd.notifications import outbox, pacing
@@ -120,16 +121,36 @@ async def retry_failed(
         return found
 
 
-async def oldest_must_deliver_due(db: Database) -> datetime | None:
-    """``created_at`` of the oldest customer or admin message (priority ≤ NORMAL) that is due and unsent."""
+@dataclass(frozen=True)
+class Backlog:
+    """What waits in the outbox: open rows (PENDING / SENDING / FAILED), the ``created_at`` of the oldest,
+    the ``created_at`` of the oldest due, unsent customer or admin message (priority ≤ NORMAL), and how
+    many due rows wait only for their phone's pacing slot."""
+
+    open: int
+    oldest: datetime | None
+    oldest_must_deliver: datetime | None
+    held_by_pacing: int
+
+
+async def backlog(db: Database) -> Backlog:
+    """Read the :class:`Backlog` and refresh its Prometheus gauges (ages in seconds, 0 when none)."""
     async with db.read() as session:
-        return await session.scalar(
-            select(func.min(Notification.created_at)).where(
-                Notification.status.in_([s.value for s in OPEN_STATUSES]),
-                Notification.next_attempt_at <= session.info["now"],
-                Notification.priority <= Priority.NORMAL,
-            )
+        now = session.info["now"]
+        open_ = Notification.status.in_([s.value for s in OPEN_STATUSES])
+        count, oldest = (
+            await session.execute(select(func.count(), func.min(Notification.created_at)).where(open_))
+        ).one()
+        due = and_(open_, Notification.next_attempt_at <= now)
+        must = await session.scalar(
+            select(func.min(Notification.created_at)).where(due, Notification.priority <= Priority.NORMAL)
         )
+        held = await pacing.count_held(session, now, due)
+    metrics.NOTIFICATION_BACKLOG.set(count)
+    metrics.OLDEST_PENDING_AGE.set((now - oldest).total_seconds() if oldest else 0)
+    metrics.OLDEST_MUST_DELIVER_AGE.set((now - must).total_seconds() if must else 0)
+    metrics.HELD_BY_PACING.set(held)
+    return Backlog(int(count), oldest, must, held)
 
 
 async def health(db: Database, breakers: list[CircuitBreaker] | None = None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from typing import Any
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
-from sqlalchemy import ColumnElement, and_, bindparam, case, func, literal, null, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, literal, null, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import metrics
@@ -509,35 +509,6 @@ class DeliveryWorker:
         }.get(decision.status, "failed")
         metrics.NOTIFICATIONS.labels(name, outcome, c.kind.value).inc()
         return {"status": decision.status.value, "next_attempt_at": decision.next_attempt_at}
-
-    # ------------------------------------------------------------------------------------------ backlog
-
-    async def backlog(self) -> tuple[int, datetime | None]:
-        """``(rows waiting, created_at of the oldest)`` among PENDING / SENDING / FAILED rows; also refreshes
-        the gauges of the oldest due customer or admin message and of the rows held by pacing."""
-        async with self.db.read() as session:
-            now = session.info["now"]
-            count, oldest = (
-                await session.execute(
-                    select(func.count(), func.min(Notification.created_at)).where(
-                        Notification.status.in_([s.value for s in OPEN_STATUSES])
-                    )
-                )
-            ).one()
-            due = and_(
-                Notification.status.in_([s.value for s in OPEN_STATUSES]), Notification.next_attempt_at <= now
-            )
-            must = await session.scalar(
-                select(func.min(Notification.created_at)).where(
-                    due, Notification.priority <= policy.Priority.NORMAL
-                )
-            )
-            held = await pacing.count_held(session, now, due)
-        metrics.NOTIFICATION_BACKLOG.set(count)
-        metrics.OLDEST_PENDING_AGE.set((now - oldest).total_seconds() if oldest else 0)
-        metrics.OLDEST_MUST_DELIVER_AGE.set((now - must).total_seconds() if must else 0)
-        metrics.HELD_BY_PACING.set(held)
-        return int(count), oldest
 
     async def run_forever(self, stop: asyncio.Event, *, idle_s: float = 1.0) -> None:
         """Deliver until ``stop`` is set, with ``loops`` claim → send → record cycles overlapping (so one
