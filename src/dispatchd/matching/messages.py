@@ -1,5 +1,7 @@
-"""Message texts of seed 000 §5.2 and §7.1 (French, as the customers and drivers read them), and how a
-paced driver's open offers (or "course prise" notices) become one WhatsApp message.
+"""Every user-facing text of matching, in French as the customers and drivers read them: the messages
+of seed 000 §5.2 and §7.1, the answer a driver's response gets (§2.2 ResponseResult.message), the offer's
+reply buttons, and how a paced driver's open offers (or "course prise" notices) become one WhatsApp
+message.
 
 WhatsApp limits (Cloud API "Messages" reference): an interactive message has at most 3 reply buttons
 (title ≤ 20 characters) or one list of at most 10 rows (title ≤ 24, description ≤ 72 characters).
@@ -20,6 +22,26 @@ OFFERS_PER_MESSAGE_MAX = 10
 BUTTONS_MAX = 3
 #: Notices one "courses prises" message names at most (the rest are counted).
 NOTICES_LISTED_MAX = 15
+
+
+#: The text of each ResponseResult action (keys are :class:`dispatchd.matching.types.Action` values).
+ACTION_MESSAGES: dict[str, str] = {
+    "ASSIGNED": "Course attribuée : elle est à vous.",
+    "REJECTED": "Refus enregistré.",
+    "ALREADY_TAKEN": "Course déjà prise par un autre chauffeur.",
+    "BOOKING_CANCELLED": "Course annulée.",
+    "OFFER_EXPIRED": "Offre expirée.",
+    "DRIVER_BUSY": "Vous avez déjà une course en cours.",
+}
+
+
+def offer_buttons(booking_id: str) -> list[dict[str, str]]:
+    """The two reply buttons of a single offer; a tap answers ``ACCEPT:<booking_id>`` or
+    ``REJECT:<booking_id>`` (parsed by the WhatsApp webhook)."""
+    return [
+        {"id": f"ACCEPT:{booking_id}", "title": "ACCEPTER"},
+        {"id": f"REJECT:{booking_id}", "title": "REFUSER"},
+    ]
 
 
 def _when(value: datetime | None) -> str:
@@ -53,7 +75,7 @@ def search_failed() -> str:
         "🔄 **Options:**\n"
         "*1* - Réessayer maintenant\n"
         "*2* - Programmer plus tard  \n"
-        "*3* - Modifier l'horaire\n\n"
+        "*3* - Annuler ma demande\n\n"
         "Nos équipes ont été alertées."
     )
 
@@ -166,3 +188,26 @@ def combine_taken(notices: Sequence[OutboundMessage]) -> Combined:
     tail = f"\n… et {more} autres" if more > 0 else ""
     body = f"ℹ️ *COURSES PRISES*\n\nPrises par d'autres chauffeurs :\n{listed}{tail}"
     return Combined(tuple(notice.id for notice in notices), body, {})
+
+
+def no_open_offer() -> str:
+    """The reply to a typed ACCEPTER / REFUSER from a driver with no open offer."""
+    return "Aucune course ne vous est proposée en ce moment : votre réponse n'a rien changé."
+
+
+def several_open_offers(count: int) -> str:
+    """The reply to a typed ACCEPTER / REFUSER when ``count`` (≥ 2) offers are open: which one?"""
+    return (
+        f"{count} courses vous sont proposées en ce moment : touchez ACCEPTER ou REFUSER sous celle "
+        "que vous choisissez."
+    )
+
+
+def search_later() -> str:
+    """The reply to a customer's *2* after "aucun chauffeur disponible"."""
+    return "C'est noté. Écrivez-nous quand vous souhaitez reprogrammer votre course."
+
+
+def request_dropped() -> str:
+    """The reply to a customer's *3* after "aucun chauffeur disponible"."""
+    return "C'est noté : votre demande est annulée. À bientôt."

@@ -33,8 +33,8 @@ bookings, outbox, read-back). Every public name is re-exported here.
 
 from __future__ import annotations
 
+from dispatchd.core.geo import EARTH_RADIUS_KM, haversine_km
 from dispatchd.core.stats import percentile
-from dispatchd.matching.geo import EARTH_RADIUS_KM, haversine_km
 from dispatchd.replay.base import ASSIGNED_STATUSES, FINAL_STATUSES
 from dispatchd.replay.runner import HEARTBEAT_EVERY_TRACE_S, HEARTBEATS_PER_S_MAX, run_replay
 from dispatchd.replay.summary import FLEETS, ReplayOptions, ReplaySummary

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from dispatchd.matching.geo import haversine_km
+from dispatchd.core.geo import haversine_km
 from dispatchd.replay.base import FINAL_STATUSES, _Answer, _Driver, _ReplayBase
 from dispatchd.replay.trace import response_latency_trace_s, trip_duration_trace_s
 from dispatchd.replay.whatsapp import (

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from dispatchd.matching.geo import EARTH_RADIUS_KM, haversine_km
+from dispatchd.core.geo import EARTH_RADIUS_KM, haversine_km
 
 SHIPPED_TRIPS: Path = Path(__file__).resolve().parent.parent / "data" / "nyc-2014-04-30-b02512.csv.gz"
 """The trace shipped with the package: 2,186 pickups of 2014-04-30, base B02512 (see data/README.md)."""

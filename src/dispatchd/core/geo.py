@@ -1,9 +1,12 @@
-"""Great-circle distance (haversine, mean Earth radius 6371.0088 km) and bounding boxes."""
+"""Great-circle geometry on the WGS84 sphere: distances (haversine, mean Earth radius 6371.0088 km) and
+bounding boxes. Degrees in, kilometres out; no I/O. Used by matching (who is near a pickup) and by the
+replay (where simulated drivers go)."""
 
 from __future__ import annotations
 
 import math
 
+#: Mean Earth radius (IUGG), in km.
 EARTH_RADIUS_KM = 6371.0088
 
 
@@ -16,8 +19,8 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 
 def bounding_box(lat: float, lon: float, radius_km: float) -> tuple[float, float, float, float]:
-    """``(min_lat, max_lat, min_lon, max_lon)`` enclosing every point within ``radius_km``: a cheap SQL
-    pre-filter before the exact haversine test.
+    """``(min_lat, max_lat, min_lon, max_lon)`` in degrees enclosing every point within ``radius_km`` of
+    ``(lat, lon)``: a cheap SQL pre-filter before the exact haversine test.
 
     Exact on the sphere (J. Matuschek, "Finding Points Within a Distance of a Latitude/Longitude Using
     Bounding Coordinates"): the longitude half-span is ``asin(sin δ / cos φ)``, wider than ``δ / cos φ``.
