@@ -1,19 +1,39 @@
 """The one exception tree of dispatchd, answered as RFC 9457 ``application/problem+json``.
 
-::
+Every exception class of the project, with its HTTP status, its ``code`` and the module that defines
+it (``dispatchd.`` omitted), and the other codes a class is raised with, and where::
 
-    DispatchdError (500 INTERNAL_ERROR)
-    ├── Unauthorized (401 UNAUTHORIZED)
-    ├── Forbidden (403 FORBIDDEN)
-    ├── NotFound (404 NOT_FOUND; codes BOOKING_NOT_FOUND, DRIVER_NOT_FOUND, OFFER_NOT_FOUND, …)
-    ├── InvalidInput (422 VALIDATION_ERROR; IDEMPOTENCY_KEY_REUSED)
+    DispatchdError (500 INTERNAL_ERROR; core.errors)
+    ├── Unauthorized (401 UNAUTHORIZED; core.errors)
+    ├── Forbidden (403 FORBIDDEN; core.errors)
+    ├── NotFound (404 NOT_FOUND; core.errors), raised with the code of what is missing, by id through
+    │   core.rows.get_or_404 unless said otherwise:
+    │     BOOKING_NOT_FOUND             matching.lookups (bookings)
+    │     DRIVER_NOT_FOUND              matching.lookups (drivers; also cli.keys, `keys create --driver-id`)
+    │     OFFER_NOT_FOUND               matching.answers (a driver answering a booking never offered to
+    │                                   it; raised directly)
+    │     RESOURCE_NOT_FOUND            reservations.common (resources)
+    │     RESERVATION_NOT_FOUND         reservations.common (reservations)
+    │     WAITING_LIST_ENTRY_NOT_FOUND  reservations.common (waiting-list entries)
+    │     NOTIFICATION_NOT_FOUND        notifications.admin (outbox rows)
+    │     API_KEY_NOT_FOUND             core.auth (API keys)
+    │     INBOUND_MESSAGE_NOT_FOUND     notifications.inbox, notifications.inbox_router (messages
+    │                                   received by webhook)
+    ├── InvalidInput (422 VALIDATION_ERROR; core.errors), also IDEMPOTENCY_KEY_REUSED (core.idempotency,
+    │   notifications.router)
     ├── RateLimited (429 RATE_LIMITED, with Retry-After; reservations.router)
-    └── Conflict (409 CONFLICT)
-        ├── InvalidState (409 INVALID_STATE)
-        ├── ResourceFull (409 RESOURCE_FULL; reservations.service)
-        └── ResourceClosed (409 RESOURCE_CLOSED; reservations.service)
+    ├── MalformedJson (400 MALFORMED_JSON; notifications.webhook_parsing)
+    ├── InvalidWebhookPayload (400 VALIDATION_ERROR; notifications.webhook_parsing)
+    ├── WebhookNotConfigured (503 WEBHOOK_NOT_CONFIGURED; notifications.webhook_parsing)
+    └── Conflict (409 CONFLICT; core.errors)
+        ├── InvalidState (409 INVALID_STATE; core.errors)
+        ├── ResourceFull (409 RESOURCE_FULL; reservations.common)
+        └── ResourceClosed (409 RESOURCE_CLOSED; reservations.common)
 
-Every subclass carries a stable ``code``; clients branch on it, never on ``detail``.
+Outside the tree, the HTTP layer (core.http) answers 400 MALFORMED_JSON and 422 VALIDATION_ERROR (with
+an ``errors`` list) for bodies FastAPI refuses, 400 MALFORMED_REQUEST for a NUL in the URL, 404 NOT_FOUND
+/ 405 METHOD_NOT_ALLOWED for unknown routes, and 500 INTERNAL_ERROR, never a stack trace, for anything
+else. Every subclass carries a stable ``code``; clients branch on it, never on ``detail``.
 """
 
 from __future__ import annotations

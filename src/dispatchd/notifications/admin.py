@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 
 from dispatchd.core import metrics
 from dispatchd.core.db import Database
-from dispatchd.core.errors import InvalidState, NotFound
+from dispatchd.core.errors import InvalidState
+from dispatchd.core.rows import get_or_404
 from dispatchd.notifications import outbox, pacing
 from dispatchd.notifications.breaker import CircuitBreaker
 from dispatchd.notifications.models import OPEN_STATUSES, AlertState, Notification, NotificationStatus
@@ -29,7 +30,7 @@ RETRYABLE = (
 async def enqueue_one(db: Database, message: Message) -> tuple[Notification, bool]:
     """Write one message; with ``message.idempotency_key`` a repeat returns the first row.
 
-    Returns ``(row, created)``.
+    Returns ``(row, created)``: ``created`` is False for a repeat (the caller compares the bodies).
     """
     try:
         async with db.transaction() as session:
@@ -49,11 +50,12 @@ async def enqueue_one(db: Database, message: Message) -> tuple[Notification, boo
 async def retry_one(db: Database, notification_id: str) -> Notification:
     """Send a FAILED / FAILED_PERMANENT / EXPIRED / CANCELLED message again now, with a fresh attempt budget.
 
-    Raises :class:`NotFound`, :class:`InvalidState` (pending, sending or already delivered)."""
+    Returns the row, PENDING and due now (UTC). Raises :class:`~dispatchd.core.errors.NotFound`
+    ``NOTIFICATION_NOT_FOUND``, :class:`InvalidState` (pending, sending or already delivered)."""
     async with db.transaction() as session:
-        row = await session.get(Notification, notification_id)
-        if row is None:
-            raise NotFound(f"notification {notification_id} not found")
+        row = await get_or_404(
+            session, Notification, notification_id, code="NOTIFICATION_NOT_FOUND", what="notification"
+        )
         if row.status not in RETRYABLE:
             raise InvalidState(
                 f"notification {notification_id} is {row.status}; only failed ones are retried"
@@ -66,7 +68,8 @@ async def retry_one(db: Database, notification_id: str) -> Notification:
 
 
 async def replay(db: Database, since: datetime, *, permanent_only: bool = False) -> int:
-    """Put every message that failed since ``since`` (UTC) back in the queue, due now; return how many."""
+    """Put every message that failed (FAILED, FAILED_PERMANENT; only the latter with ``permanent_only``)
+    since ``since`` (UTC, on ``failed_at``) back in the queue, due now, attempts 0; return how many."""
     statuses = (
         [NotificationStatus.FAILED_PERMANENT.value]
         if permanent_only
@@ -83,6 +86,9 @@ async def replay(db: Database, since: datetime, *, permanent_only: bool = False)
 
 @dataclass(frozen=True)
 class RetryCandidate:
+    """One FAILED message :func:`retry_failed` found: its ``attempts`` so far, when its next attempt was
+    due (UTC, before being made due now) and its last error."""
+
     id: str
     recipient: str
     category: str

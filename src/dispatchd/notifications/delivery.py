@@ -1,9 +1,10 @@
 """The delivery worker: claims due outbox rows with a lease, sends them, records the outcome (issue 3, 7).
 
-Claim: one transaction moves due rows (PENDING, FAILED whose retry is due, or SENDING whose lease ran
-out) to SENDING with ``next_attempt_at = now + lease`` and ``attempts + 1`` (``FOR UPDATE SKIP LOCKED``
-on PostgreSQL). Send: outside any transaction, every claimed row at once. Record: one transaction,
-guarded by ``status = SENDING AND attempts = <ours>`` so only the current lease holder writes.
+Claim (:mod:`dispatchd.notifications.claim`): one transaction moves due rows (PENDING, FAILED whose
+retry is due, or SENDING whose lease ran out) to SENDING with ``next_attempt_at = now + lease`` and
+``attempts + 1`` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL). Send: outside any transaction, every
+claimed row at once. Record: one transaction, guarded by ``status = SENDING AND attempts = <ours>``
+so only the current lease holder writes.
 
 Guarantee: **at least once**. A worker killed between claim and record leaves rows SENDING; they are
 claimed again when the lease ends, and may then reach the recipient twice (WhatsApp has no
@@ -43,24 +44,23 @@ from typing import Any
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
-from sqlalchemy import ColumnElement, and_, bindparam, case, literal, null, or_, select, true, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import ColumnElement, case, literal, null, true, update
 
 from dispatchd.core import metrics
 from dispatchd.core.db import Database, retry_transient
 from dispatchd.core.logging import get_logger
-from dispatchd.notifications import pacing, policy
+from dispatchd.notifications import claim, pacing, policy
 from dispatchd.notifications.breaker import CircuitBreaker
 from dispatchd.notifications.channels.base import (
     Channel,
     ChannelError,
     Classification,
     ErrorKind,
-    OutboundMessage,
     SendResult,
 )
-from dispatchd.notifications.models import OPEN_STATUSES, Notification, NotificationStatus
-from dispatchd.notifications.outbox import UNSENT_STATUSES, Coalescer, Combined
+from dispatchd.notifications.claim import RECORD_SENT, Claimed, Member, current_lease
+from dispatchd.notifications.models import Notification, NotificationStatus
+from dispatchd.notifications.outbox import Coalescer
 
 log = get_logger("dispatchd.notifications.delivery")
 
@@ -81,33 +81,6 @@ class Lane:
     )
 
 
-@dataclass(frozen=True)
-class _Member:
-    """One outbox row inside a claimed message, with what recording its outcome needs."""
-
-    id: str
-    attempts: int
-    expires_at: datetime | None
-    body: str
-    payload: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class _Claimed:
-    message: OutboundMessage
-    members: tuple[_Member, ...]
-
-
-def _due(now: datetime) -> ColumnElement[bool]:
-    """Rows a claim may take now: open, due, not expired, not made moot while in flight."""
-    return and_(
-        Notification.status.in_([s.value for s in OPEN_STATUSES]),
-        Notification.next_attempt_at <= now,
-        or_(Notification.expires_at.is_(None), Notification.expires_at > now),
-        Notification.cancel_reason.is_(None),
-    )
-
-
 def _unless_cancelled(values: dict[str, Any]) -> dict[str, Any]:
     """The new state of a row whose send did not succeed, or CANCELLED when a change made it moot while it
     was in flight (``cancel_reason`` set by :func:`dispatchd.notifications.outbox.cancel`)."""
@@ -118,41 +91,6 @@ def _unless_cancelled(values: dict[str, Any]) -> dict[str, Any]:
         column_type = Notification.__table__.c.next_attempt_at.type
         guarded["next_attempt_at"] = case((moot, null()), else_=literal(after, column_type))
     return guarded
-
-
-def _current_lease(statement, member: _Member):
-    """Only the holder of the current lease may record (a re-claimed row has more attempts)."""
-    return statement.where(
-        Notification.id == member.id,
-        Notification.status == NotificationStatus.SENDING.value,
-        Notification.attempts == member.attempts,
-    )
-
-
-_table = Notification.__table__
-#: :func:`_current_lease` for many sent rows at once (executemany)
-_RECORD_SENT = (
-    _table.update()
-    .where(
-        _table.c.id == bindparam("b_id"),
-        _table.c.status == NotificationStatus.SENDING.value,
-        _table.c.attempts == bindparam("b_attempts"),
-    )
-    .values(
-        status=NotificationStatus.SENT.value,
-        sent_at=bindparam("b_sent_at"),
-        next_attempt_at=None,
-        provider_message_id=bindparam("b_wamid"),
-        carried_by=bindparam("b_carried_by"),
-    )
-)
-
-
-def _outbound(row: Notification) -> OutboundMessage:
-    payload = dict(row.payload) if row.payload else None
-    return OutboundMessage(
-        row.id, row.recipient, row.category, row.body, payload, template=(payload or {}).get("template")
-    )
 
 
 class DeliveryWorker:
@@ -189,7 +127,8 @@ class DeliveryWorker:
         self.lease_s = lease_s
         self.recipient_interval_s = recipient_interval_s
         self.templates = dict(templates or {})
-        self.coalescers = dict(coalescers or {})
+        # kept by reference: the assembly adds every domain's coalescers after the worker is built
+        self.coalescers = coalescers if coalescers is not None else {}
         self.rng = rng or random.Random()
         self.wake = asyncio.Event()
         db.after_commit.append(self._on_commit)
@@ -218,138 +157,24 @@ class DeliveryWorker:
 
     # ------------------------------------------------------------------------------------------ claim
 
-    async def _claim(self, lane: Lane | None = None) -> list[_Claimed]:
-        """Take up to the lane's capacity of messages: by priority, one per paced phone whose slot is
-        free (the slot is taken here), each with the open rows its coalescer merges into it."""
+    async def _claim(self, lane: Lane | None = None) -> list[Claimed]:
+        """Take up to the lane's capacity of messages (:func:`dispatchd.notifications.claim.claim`)."""
         lane = lane or self.lanes[0]
         limit = await self._capacity(lane)
         if limit <= 0:
             return []
-        # At a peak most wake-ups find every due phone paced: a read (which never waits for SQLite's
-        # single writer) tells so without taking a write transaction.
-        async with self.db.read() as session:
-            if (
-                await session.scalar(self._due_query(lane, session.info["now"], Notification.id).limit(1))
-                is None
-            ):
-                return []
-        async with self.db.transaction() as session:
-            now: datetime = session.info["now"]
-            leads = await self._leads(session, lane, now, limit)
-            if self.recipient_interval_s and leads:
-                # the slot is held for the whole flight; the record moves it to the answer + interval
-                free = await pacing.take_slots(
-                    session,
-                    (row.recipient for row in leads),
-                    now,
-                    max(self.lease_s, self.recipient_interval_s),
-                )
-                leads = [row for row in leads if not pacing.is_paced(row.recipient) or row.recipient in free]
-            claimed = [
-                self._start(lane, group, combined, now)
-                for group, combined in await self._groups(session, leads, now)
-            ]
-            if claimed and lane.rate:
-                for _ in claimed:
-                    await lane.limiter.hit(parse(lane.rate), lane.channel.name)
-            return claimed
-
-    async def _leads(
-        self, session: AsyncSession, lane: Lane, now: datetime, limit: int
-    ) -> list[Notification]:
-        """The first ``limit`` due rows in priority order, at most one per paced phone, leaving out phones
-        whose slot is taken (so the head of the queue always moves)."""
-        query = (
-            self._due_query(lane, now)
-            .order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
-            .limit(limit * 4 if self.recipient_interval_s else limit)
-            .with_for_update(skip_locked=True)
+        return await claim.claim(
+            self.db,
+            lane,
+            limit,
+            lease_s=self.lease_s,
+            recipient_interval_s=self.recipient_interval_s,
+            coalescers=self.coalescers,
         )
-        rows = (await session.scalars(query)).all()
-        if not self.recipient_interval_s:
-            return list(rows)
-        leads: list[Notification] = []
-        phones: set[str] = set()
-        for row in rows:
-            if pacing.is_paced(row.recipient):
-                if row.recipient in phones:
-                    continue  # one message per phone per slot; the next one waits for the next slot
-                phones.add(row.recipient)
-            leads.append(row)
-            if len(leads) == limit:
-                break
-        return leads
-
-    def _due_query(self, lane: Lane, now: datetime, *columns):
-        query = select(*(columns or (Notification,))).where(_due(now), lane.where)
-        if self.recipient_interval_s:
-            query = query.where(~pacing.held(now))
-        return query
-
-    async def _groups(
-        self, session: AsyncSession, leads: list[Notification], now: datetime
-    ) -> list[tuple[list[Notification], Combined | None]]:
-        """Each lead with the rows sent along with it: the recipient's other open rows of the lead's
-        category, when that category has a coalescer and more than one row is open."""
-        mergeable = [
-            row
-            for row in leads
-            if row.category in self.coalescers and not (row.payload or {}).get("template")
-        ]
-        siblings: dict[tuple[str, str], list[Notification]] = {}
-        if mergeable:
-            query = (
-                select(Notification)
-                .where(
-                    Notification.recipient.in_(sorted({row.recipient for row in mergeable})),
-                    Notification.category.in_(sorted({row.category for row in mergeable})),
-                    Notification.status.in_(UNSENT_STATUSES),
-                    Notification.cancel_reason.is_(None),
-                    Notification.id.not_in([row.id for row in leads]),
-                    or_(Notification.expires_at.is_(None), Notification.expires_at > now),
-                )
-                .order_by(Notification.created_at, Notification.id)
-                .with_for_update(skip_locked=True)
-            )
-            for row in (await session.scalars(query)).all():
-                if not (row.payload or {}).get("template"):
-                    siblings.setdefault((row.recipient, row.category), []).append(row)
-        groups: list[tuple[list[Notification], Combined | None]] = []
-        for lead in leads:
-            others = siblings.pop((lead.recipient, lead.category), []) if lead in mergeable else []
-            if not others:
-                groups.append(([lead], None))
-                continue
-            rows = {row.id: row for row in [lead, *others]}
-            combined = self.coalescers[lead.category]([_outbound(row) for row in rows.values()])
-            groups.append(([rows[row_id] for row_id in combined.ids], combined))
-        return groups
-
-    def _start(
-        self, lane: Lane, group: list[Notification], combined: Combined | None, now: datetime
-    ) -> _Claimed:
-        """Move the group's rows to SENDING under one lease; return what to send."""
-        members = []
-        for row in group:
-            row.status = NotificationStatus.SENDING.value
-            row.attempts += 1
-            row.channel = lane.channel.name
-            row.next_attempt_at = now + timedelta(seconds=self.lease_s)
-            members.append(
-                _Member(
-                    row.id, row.attempts, row.expires_at, row.body, dict(row.payload) if row.payload else None
-                )
-            )
-        message = _outbound(group[0])
-        if combined is not None:
-            message = OutboundMessage(
-                message.id, message.recipient, message.category, combined.body, combined.payload
-            )
-        return _Claimed(message, tuple(members))
 
     # ------------------------------------------------------------------------------------- send, record
 
-    async def _send(self, lane: Lane, item: _Claimed) -> tuple[_Claimed, SendResult | ChannelError | None]:
+    async def _send(self, lane: Lane, item: Claimed) -> tuple[Claimed, SendResult | ChannelError | None]:
         """Send one claimed message; ``None`` when every row it carries expired since the claim (a busy
         process may take a moment between claim and send): it is then not sent at all, never late."""
         now = self.db.clock.now()
@@ -383,7 +208,7 @@ class DeliveryWorker:
         """Decide each outcome once (breaker, metrics), then write them all in one transaction."""
         name = lane.channel.name
         now = self.db.clock.now()
-        changes: list[tuple[_Member, dict[str, Any]]] = []
+        changes: list[tuple[Member, dict[str, Any]]] = []
         sent: list[dict[str, Any]] = []
         for item, outcome in outcomes:
             if outcome is None:
@@ -412,7 +237,7 @@ class DeliveryWorker:
     @retry_transient
     async def _write_outcomes(
         self,
-        changes: list[tuple[_Member, dict[str, Any]]],
+        changes: list[tuple[Member, dict[str, Any]]],
         sent: list[dict[str, Any]],
         called: set[str],
         skipped: set[str],
@@ -424,10 +249,10 @@ class DeliveryWorker:
         async with self.db.transaction() as session:
             for member, values in changes:
                 await session.execute(
-                    _current_lease(update(Notification), member).values(**_unless_cancelled(values))
+                    current_lease(update(Notification), member).values(**_unless_cancelled(values))
                 )
             if sent:
-                await session.execute(_RECORD_SENT, sent)
+                await session.execute(RECORD_SENT, sent)
             if self.recipient_interval_s:
                 await pacing.set_next_slots(
                     session, called, now + timedelta(seconds=self.recipient_interval_s)
@@ -435,8 +260,8 @@ class DeliveryWorker:
                 await pacing.set_next_slots(session, skipped, now)
 
     def _after_error(
-        self, lane: Lane, item: _Claimed, error: ChannelError, now: datetime, probing: bool
-    ) -> list[tuple[_Member, dict[str, Any]]]:
+        self, lane: Lane, item: Claimed, error: ChannelError, now: datetime, probing: bool
+    ) -> list[tuple[Member, dict[str, Any]]]:
         """The breaker and metrics for one failed send, and each carried row's next state."""
         c = error.classification
         name = lane.channel.name
@@ -488,7 +313,7 @@ class DeliveryWorker:
         ]
 
     def _next_state(
-        self, name: str, item: _Claimed, member: _Member, c: Classification, now: datetime
+        self, name: str, item: Claimed, member: Member, c: Classification, now: datetime
     ) -> dict[str, Any]:
         category = item.message.category
         if c.kind is ErrorKind.WINDOW_CLOSED:

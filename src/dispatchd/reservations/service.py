@@ -7,13 +7,12 @@ The commit is one conditional statement (DESIGN.md, idea 2; seed 003 "Atomic Com
 
 checked by ``rowcount`` — no read-then-write — and backed by a CHECK constraint
 ``reserved + held <= capacity``. The server's clock stamps every reservation (seed 003 "Timestamp
-Authority").
+Authority"); every time is UTC.
 
-Waiting list (as pretix does it): entries wait in strict server-timestamp order; capacity that frees
-(cancel, resize up, reopen, a hold that lapses) moves at once, in the same transaction, into ``held``
-for the head of the list, who is told through the outbox and has ``hold_s`` seconds to confirm. Held
-capacity is not sold to newcomers. Holds are deadlines in rows (``hold_expires_at``), handled by the
-sweeper.
+:class:`ReservationService` is the one entry point the routers, the CLI, the sweeper and the benchmarks
+use: resources and their admin operations (audited), the commit, cancellation and the reads live here;
+the waiting list and its holds in :mod:`dispatchd.reservations.waiting_list`; what both share (refusals,
+settings, outcome shapes, get-or-404 readers) in :mod:`dispatchd.reservations.common`.
 
 Lock order, everywhere: resource → reservation / waiting-list entries.
 """
@@ -21,8 +20,7 @@ Lock order, everywhere: resource → reservation / waiting-list entries.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -30,138 +28,79 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import events, idempotency
-from dispatchd.core.db import Database, lock_for_update, retry_transient
-from dispatchd.core.errors import Conflict, InvalidInput, InvalidState, NotFound
+from dispatchd.core.db import Database, retry_transient
+from dispatchd.core.errors import Conflict, InvalidInput, InvalidState
 from dispatchd.core.ids import new_id
-from dispatchd.core.logging import get_logger
-from dispatchd.notifications import outbox
-from dispatchd.notifications.outbox import Cancellation, Message
 from dispatchd.reservations import metrics
+from dispatchd.reservations.common import (
+    REFUSALS,
+    CommitOutcome,
+    Idempotency,
+    ReservationsConfig,
+    ResourceClosed,
+    ResourceFull,
+    audit,
+    confirmed,
+    log,
+    now,
+    reservation_or_404,
+    resource_or_404,
+    resource_snapshot,
+    topic,
+    touch,
+)
 from dispatchd.reservations.models import (
     AuditEntry,
-    EntryStatus,
     Reservation,
     ReservationStatus,
     Resource,
     ResourceState,
     WaitingListEntry,
 )
+from dispatchd.reservations.waiting_list import WaitingList
 
-log = get_logger("dispatchd.reservations")
-
-
-class ResourceFull(Conflict):
-    code = "RESOURCE_FULL"
-    title = "Resource full"
-
-
-class ResourceClosed(Conflict):
-    code = "RESOURCE_CLOSED"
-    title = "Resource closed"
-
-
-REFUSALS: dict[str, type[Conflict]] = {"RESOURCE_FULL": ResourceFull, "RESOURCE_CLOSED": ResourceClosed}
-
-
-@dataclass(frozen=True)
-class ReservationsConfig:
-    hold_s: float = 900.0
-    max_quantity: int = 1000
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    """``scope`` = API key id + the client's Idempotency-Key; ``fingerprint`` of the request body."""
-
-    scope: str
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class CommitOutcome:
-    """``reservation`` when CONFIRMED, else ``refusal`` (RESOURCE_FULL / RESOURCE_CLOSED) and ``detail``;
-    ``replayed`` when it is the stored first answer to a retried request."""
-
-    reservation: Reservation | None
-    refusal: str | None = None
-    detail: str = ""
-    replayed: bool = False
-
-
-def _now(session: AsyncSession) -> datetime:
-    return session.info["now"]
-
-
-def _topic(resource_id: str) -> str:
-    return f"resource:{resource_id}"
-
-
-def _touch(session: AsyncSession, resource_id: str) -> None:
-    """Remember that this unit of work changed the resource (the availability cache forgets it at commit)."""
-    session.info.setdefault("resources_touched", set()).add(resource_id)
-
-
-def resource_snapshot(resource: Resource) -> dict[str, Any]:
-    return {
-        "type": resource.type,
-        "name": resource.name,
-        "capacity": resource.capacity,
-        "reserved": resource.reserved,
-        "held": resource.held,
-        "state": resource.state,
-        "version": resource.version,
-        "metadata": resource.metadata_,
-    }
-
-
-def audit(
-    session: AsyncSession,
-    actor: str,
-    action: str,
-    target_id: str,
-    before: dict[str, Any] | None,
-    after: dict[str, Any] | None,
-    *,
-    target_type: str = "resource",
-    detail: str | None = None,
-) -> None:
-    """Record one admin action in the current unit of work."""
-    session.add(
-        AuditEntry(
-            at=_now(session),
-            actor=actor,
-            action=action,
-            target_type=target_type,
-            target_id=target_id,
-            before=before,
-            after=after,
-            detail=detail,
-        )
-    )
+__all__ = [
+    "REFUSALS",
+    "CommitOutcome",
+    "Idempotency",
+    "ReservationService",
+    "ReservationsConfig",
+    "ResourceClosed",
+    "ResourceFull",
+    "audit",
+    "resource_snapshot",
+]
 
 
 class ReservationService:
-    """Seed 003 ReservationCommitService plus admin operations and the waiting list."""
+    """Seed 003 ReservationCommitService plus admin operations and the waiting list.
+
+    Errors: :class:`~dispatchd.core.errors.NotFound` with ``RESOURCE_NOT_FOUND``,
+    ``RESERVATION_NOT_FOUND`` or ``WAITING_LIST_ENTRY_NOT_FOUND``; :class:`InvalidState` (409);
+    :class:`InvalidInput` (422); :class:`ResourceClosed` (409). A full or closed resource is an outcome
+    of :meth:`reserve`, not an exception."""
 
     def __init__(self, db: Database, config: ReservationsConfig | None = None) -> None:
         self.db = db
         self.config = config or ReservationsConfig()
+        self.waiting_list = WaitingList(db, self.config)
 
     # -------------------------------------------------------------- resources
 
     @retry_transient
     async def create_resource(self, data: dict[str, Any], actor: str) -> Resource:
-        """Create an OPEN resource (``data``: type, name, capacity ≥ 0, metadata). Audited."""
+        """Create an OPEN resource (``data``: type, name, capacity ≥ 0, optional id, metadata). Audited
+        (``resource.create``), and ``ResourceCreated`` on ``resource:<id>``."""
         async with self.db.transaction() as session:
             resource = self._new_resource(session, data)
             session.add(resource)
             await session.flush()
             audit(session, actor, "resource.create", resource.id, None, resource_snapshot(resource))
-            events.append(session, _topic(resource.id), "ResourceCreated", resource_snapshot(resource))
+            events.append(session, topic(resource.id), "ResourceCreated", resource_snapshot(resource))
         return resource
 
     def _new_resource(self, session: AsyncSession, data: dict[str, Any]) -> Resource:
-        now = _now(session)
+        at = now(session)
         return Resource(
             id=data.get("id") or new_id("res"),
             type=data["type"],
@@ -172,13 +111,13 @@ class ReservationService:
             version=1,
             state=data.get("state") or ResourceState.OPEN.value,
             metadata_=data.get("metadata"),
-            created_at=now,
-            updated_at=now,
+            created_at=at,
+            updated_at=at,
         )
 
     async def import_resources(self, rows: list[dict[str, Any]], actor: str) -> list[Resource]:
-        """Create every resource of ``rows`` in one transaction: all or nothing. Raises :class:`Conflict`
-        when an id already exists."""
+        """Create every resource of ``rows`` (as :meth:`create_resource`'s ``data``, plus ``state``) in one
+        transaction: all or nothing. Raises :class:`Conflict` when an id already exists."""
         try:
             async with self.db.transaction() as session:
                 created = [self._new_resource(session, row) for row in rows]
@@ -186,23 +125,22 @@ class ReservationService:
                 await session.flush()
                 for resource in created:
                     audit(session, actor, "resource.import", resource.id, None, resource_snapshot(resource))
-                    events.append(
-                        session, _topic(resource.id), "ResourceCreated", resource_snapshot(resource)
-                    )
+                    events.append(session, topic(resource.id), "ResourceCreated", resource_snapshot(resource))
         except IntegrityError:
             raise Conflict("a resource id in the file already exists; nothing was imported") from None
         return created
 
     async def get_resource(self, resource_id: str) -> Resource:
+        """One resource; raises :class:`NotFound` ``RESOURCE_NOT_FOUND``."""
         async with self.db.read() as session:
-            return await self._resource_or_404(session, resource_id)
+            return await resource_or_404(session, resource_id)
 
     @retry_transient
     async def set_capacity(self, resource_id: str, capacity: int, actor: str) -> Resource:
         """Resize. Below what is reserved or held → :class:`InvalidState`; a larger capacity is offered to
-        the waiting list first. Audited."""
+        the waiting list first. Raises :class:`NotFound` ``RESOURCE_NOT_FOUND``. Audited."""
         async with self.db.transaction() as session:
-            resource = await self._resource_or_404(session, resource_id, lock=True)
+            resource = await resource_or_404(session, resource_id, lock=True)
             before = resource_snapshot(resource)
             if capacity < resource.reserved + resource.held:
                 raise InvalidState(
@@ -211,21 +149,23 @@ class ReservationService:
                 )
             resource.capacity = capacity
             await self._changed(session, resource, "ResourceResized", actor, "resource.resize", before)
-            await self._offer_freed_places(session, resource)
+            await self.waiting_list.offer_freed_places(session, resource)
         return resource
 
     async def close(self, resource_id: str, actor: str) -> Resource:
-        """Stop selling (commits answer RESOURCE_CLOSED); reservations stay. Audited."""
+        """Stop selling (commits answer RESOURCE_CLOSED); reservations stay. Raises :class:`NotFound`
+        ``RESOURCE_NOT_FOUND``, :class:`InvalidState` when already closed. Audited."""
         return await self._set_state(resource_id, ResourceState.CLOSED, actor)
 
     async def reopen(self, resource_id: str, actor: str) -> Resource:
-        """Sell again; free places go to the waiting list first. Audited."""
+        """Sell again; free places go to the waiting list first. Raises :class:`NotFound`
+        ``RESOURCE_NOT_FOUND``, :class:`InvalidState` when already open. Audited."""
         return await self._set_state(resource_id, ResourceState.OPEN, actor)
 
     @retry_transient
     async def _set_state(self, resource_id: str, state: ResourceState, actor: str) -> Resource:
         async with self.db.transaction() as session:
-            resource = await self._resource_or_404(session, resource_id, lock=True)
+            resource = await resource_or_404(session, resource_id, lock=True)
             if resource.state == state:
                 raise InvalidState(f"resource {resource_id} is already {state}")
             before = resource_snapshot(resource)
@@ -233,19 +173,19 @@ class ReservationService:
             kind = "ResourceReopened" if state is ResourceState.OPEN else "ResourceClosed"
             await self._changed(session, resource, kind, actor, f"resource.{kind[8:].lower()}", before)
             if state is ResourceState.OPEN:
-                await self._offer_freed_places(session, resource)
+                await self.waiting_list.offer_freed_places(session, resource)
         return resource
 
     async def _changed(
         self, session: AsyncSession, resource: Resource, kind: str, actor: str, action: str, before: dict
     ) -> None:
         resource.version += 1
-        resource.updated_at = _now(session)
+        resource.updated_at = now(session)
         await session.flush()
         after = resource_snapshot(resource)
         audit(session, actor, action, resource.id, before, after)
-        events.append(session, _topic(resource.id), kind, {**after, "actor": actor})
-        _touch(session, resource.id)
+        events.append(session, topic(resource.id), kind, {**after, "actor": actor})
+        touch(session, resource.id)
 
     # ------------------------------------------------------------ the commit
 
@@ -255,7 +195,7 @@ class ReservationService:
         """Seed 003 §1.4: book ``quantity`` places atomically, or refuse.
 
         Returns a :class:`CommitOutcome`; refusals (RESOURCE_FULL, RESOURCE_CLOSED) are outcomes, recorded
-        as ReservationRejected events. Raises :class:`NotFound` (NOT_FOUND) and
+        as ReservationRejected events. Raises :class:`NotFound` (RESOURCE_NOT_FOUND) and
         :class:`InvalidInput` (quantity out of 1..max, IDEMPOTENCY_KEY_REUSED).
         """
         if not 1 <= quantity <= self.config.max_quantity:
@@ -280,7 +220,7 @@ class ReservationService:
                     stored = await idempotency.recall(session, idem.scope, idem.fingerprint)
                     if stored is not None:
                         return await self._replay(stored.outcome, session)
-                now = _now(session)
+                at = now(session)
                 result = await session.execute(
                     update(Resource)
                     .where(
@@ -289,7 +229,7 @@ class ReservationService:
                         Resource.reserved + Resource.held + quantity <= Resource.capacity,
                     )
                     .values(
-                        reserved=Resource.reserved + quantity, version=Resource.version + 1, updated_at=now
+                        reserved=Resource.reserved + quantity, version=Resource.version + 1, updated_at=at
                     )
                     .returning(Resource.reserved, Resource.held, Resource.capacity, Resource.version)
                 )
@@ -302,41 +242,16 @@ class ReservationService:
                     client_id=client_id,
                     quantity=quantity,
                     status=ReservationStatus.CONFIRMED.value,
-                    created_at=now,
+                    created_at=at,
                 )
                 session.add(reservation)
-                self._confirmed(session, reservation, won.reserved, won.held, won.capacity, won.version)
+                confirmed(session, reservation, won.reserved, won.held, won.capacity, won.version)
                 if idem is not None:
                     idempotency.remember(
                         session, idem.scope, idem.fingerprint, 201, {"reservation_id": reservation.id}
                     )
         metrics.RESERVATIONS.inc()
         return CommitOutcome(reservation)
-
-    def _confirmed(
-        self,
-        session: AsyncSession,
-        reservation: Reservation,
-        reserved: int,
-        held: int,
-        capacity: int,
-        version: int,
-    ) -> None:
-        data = {
-            "reservation_id": reservation.id,
-            "client_id": reservation.client_id,
-            "quantity": reservation.quantity,
-            "reserved": reserved,
-            "held": held,
-            "capacity": capacity,
-            "version": version,
-            "at": reservation.created_at.isoformat(),
-        }
-        if reservation.waiting_list_entry_id:
-            data["waiting_list_entry_id"] = reservation.waiting_list_entry_id
-        events.append(session, _topic(reservation.resource_id), "ReservationConfirmed", data)
-        _touch(session, reservation.resource_id)
-        log.info("arbitration", decision="CONFIRMED", resource_id=reservation.resource_id, **data)
 
     async def _refuse(
         self,
@@ -346,9 +261,7 @@ class ReservationService:
         quantity: int,
         idem: Idempotency | None,
     ) -> CommitOutcome:
-        resource = await session.get(Resource, resource_id)
-        if resource is None:
-            raise NotFound(f"resource {resource_id} not found")
+        resource = await resource_or_404(session, resource_id)
         if resource.state != ResourceState.OPEN:
             code, detail = "RESOURCE_CLOSED", f"resource {resource_id} is closed"
         else:
@@ -362,9 +275,9 @@ class ReservationService:
             "held": resource.held,
             "capacity": resource.capacity,
             "version": resource.version,
-            "at": _now(session).isoformat(),
+            "at": now(session).isoformat(),
         }
-        events.append(session, _topic(resource_id), "ReservationRejected", data)
+        events.append(session, topic(resource_id), "ReservationRejected", data)
         if idem is not None:
             idempotency.remember(
                 session, idem.scope, idem.fingerprint, 409, {"refusal": code, "detail": detail}
@@ -383,32 +296,30 @@ class ReservationService:
         return CommitOutcome(None, outcome["refusal"], outcome["detail"], replayed=True)
 
     async def get_reservation(self, reservation_id: str) -> Reservation:
-        return await self._read(Reservation, reservation_id, "reservation")
+        """One reservation; raises :class:`NotFound` ``RESERVATION_NOT_FOUND``."""
+        async with self.db.read() as session:
+            return await reservation_or_404(session, reservation_id)
 
     @retry_transient
     async def cancel(self, reservation_id: str) -> Reservation:
         """Cancel a CONFIRMED reservation; its places go to the waiting list first. Raises
-        :class:`NotFound`, :class:`InvalidState` (already cancelled)."""
+        :class:`NotFound` ``RESERVATION_NOT_FOUND``, :class:`InvalidState` (already cancelled)."""
         async with self.db.transaction() as session:
-            now = _now(session)
-            found = await session.scalar(
-                select(Reservation.resource_id).where(Reservation.id == reservation_id)
-            )
-            if found is None:
-                raise NotFound(f"reservation {reservation_id} not found")
-            resource = await self._resource_or_404(session, found, lock=True)
-            reservation = await session.get(Reservation, reservation_id, populate_existing=True)
+            at = now(session)
+            found = await reservation_or_404(session, reservation_id)
+            resource = await resource_or_404(session, found.resource_id, lock=True)
+            reservation = await reservation_or_404(session, reservation_id)  # again, under the lock
             if reservation.status != ReservationStatus.CONFIRMED:
                 raise InvalidState(f"reservation {reservation_id} is already {reservation.status}")
             reservation.status = ReservationStatus.CANCELLED.value
-            reservation.cancelled_at = now
+            reservation.cancelled_at = at
             resource.reserved -= reservation.quantity
             resource.version += 1
-            resource.updated_at = now
+            resource.updated_at = at
             await session.flush()
             events.append(
                 session,
-                _topic(resource.id),
+                topic(resource.id),
                 "ReservationCancelled",
                 {
                     "reservation_id": reservation.id,
@@ -418,281 +329,58 @@ class ReservationService:
                     "held": resource.held,
                     "capacity": resource.capacity,
                     "version": resource.version,
-                    "at": now.isoformat(),
+                    "at": at.isoformat(),
                 },
             )
-            _touch(session, resource.id)
-            await self._offer_freed_places(session, resource)
+            touch(session, resource.id)
+            await self.waiting_list.offer_freed_places(session, resource)
         return reservation
 
-    # ----------------------------------------------------------- waiting list
+    # ----------------------------------------------- waiting list (waiting_list.py)
 
-    @retry_transient
     async def join_waiting_list(
         self, resource_id: str, client_id: str, quantity: int, contact: str | None
     ) -> WaitingListEntry:
-        """Queue for a sold-out OPEN resource (server timestamp decides the order). Raises
+        """See :meth:`WaitingList.join`: an entry ``WAITING`` in server-timestamp order. Raises
         :class:`InvalidState` when the places are free now (reserve them), ResourceClosed when closed."""
-        if not 1 <= quantity <= self.config.max_quantity:
-            raise InvalidInput(f"quantity must be between 1 and {self.config.max_quantity}")
-        async with self.db.transaction() as session:
-            resource = await self._resource_or_404(session, resource_id, lock=True)
-            if resource.state != ResourceState.OPEN:
-                raise ResourceClosed(f"resource {resource_id} is closed")
-            waiting = await session.scalar(
-                select(func.count())
-                .select_from(WaitingListEntry)
-                .where(
-                    WaitingListEntry.resource_id == resource_id,
-                    WaitingListEntry.status.in_([EntryStatus.WAITING.value, EntryStatus.OFFERED.value]),
-                )
-            )
-            free = resource.capacity - resource.reserved - resource.held
-            if not waiting and free >= quantity:
-                raise InvalidState(
-                    f"{free} places are free: reserve them instead of joining the waiting list"
-                )
-            entry = WaitingListEntry(
-                id=new_id("wle"),
-                resource_id=resource_id,
-                client_id=client_id,
-                contact=contact,
-                quantity=quantity,
-                status=EntryStatus.WAITING.value,
-                created_at=_now(session),
-            )
-            session.add(entry)
-            await session.flush()
-            events.append(
-                session,
-                _topic(resource_id),
-                "WaitingListJoined",
-                {
-                    "entry_id": entry.id,
-                    "client_id": client_id,
-                    "quantity": quantity,
-                    "at": entry.created_at.isoformat(),
-                },
-            )
-            # places may be free behind OFFERED entries: the queue, not a direct buyer, gets them
-            await self._offer_freed_places(session, resource)
-        return entry
+        return await self.waiting_list.join(resource_id, client_id, quantity, contact)
 
     async def get_entry(self, entry_id: str) -> WaitingListEntry:
-        return await self._read(WaitingListEntry, entry_id, "waiting list entry")
+        """One waiting-list entry; raises :class:`NotFound` ``WAITING_LIST_ENTRY_NOT_FOUND``."""
+        return await self.waiting_list.get(entry_id)
 
-    async def _read(self, model: type, row_id: str, label: str):
-        """One row by primary key, or :class:`NotFound` (NOT_FOUND) naming it."""
-        async with self.db.read() as session:
-            row = await session.get(model, row_id)
-        if row is None:
-            raise NotFound(f"{label} {row_id} not found")
-        return row
-
-    @retry_transient
     async def leave_waiting_list(self, entry_id: str) -> WaitingListEntry:
-        """Leave the list; a held place goes to the next entry. Raises :class:`InvalidState` once final."""
-        async with self.db.transaction() as session:
-            resource, entry = await self._lock_entry(session, entry_id)
-            if entry.status not in (EntryStatus.WAITING, EntryStatus.OFFERED):
-                raise InvalidState(f"waiting list entry {entry_id} is already {entry.status}")
-            was_offered = entry.status == EntryStatus.OFFERED
-            self._finish_entry(session, entry, EntryStatus.LEFT)
-            if was_offered:
-                resource.held -= entry.quantity
-                await _cancel_place_offers(session, [entry.id], "left the waiting list")
-            resource.version += 1
-            await session.flush()
-            events.append(session, _topic(resource.id), "WaitingListLeft", {"entry_id": entry.id})
-            _touch(session, resource.id)
-            await self._offer_freed_places(session, resource)
-        return entry
+        """See :meth:`WaitingList.leave`: → ``LEFT``; a held place goes to the next entry."""
+        return await self.waiting_list.leave(entry_id)
 
-    @retry_transient
     async def confirm_waiting_list(self, entry_id: str) -> Reservation:
-        """Turn a held place into a reservation before ``hold_expires_at``. Raises :class:`InvalidState`
-        (not OFFERED, or the hold lapsed), ResourceClosed."""
-        async with self.db.transaction() as session:
-            now = _now(session)
-            resource, entry = await self._lock_entry(session, entry_id)
-            if entry.status != EntryStatus.OFFERED or entry.hold_expires_at <= now:
-                raise InvalidState(
-                    f"waiting list entry {entry_id} has no place held for it (it is {entry.status})"
-                )
-            if resource.state != ResourceState.OPEN:
-                raise ResourceClosed(f"resource {resource.id} is closed")
-            reservation = Reservation(
-                id=new_id("rsv"),
-                resource_id=resource.id,
-                client_id=entry.client_id,
-                quantity=entry.quantity,
-                status=ReservationStatus.CONFIRMED.value,
-                waiting_list_entry_id=entry.id,
-                created_at=now,
-            )
-            session.add(reservation)
-            resource.held -= entry.quantity
-            resource.reserved += entry.quantity
-            resource.version += 1
-            resource.updated_at = now
-            entry.reservation_id = reservation.id
-            self._finish_entry(session, entry, EntryStatus.CONFIRMED)
-            await _cancel_place_offers(session, [entry.id], "place confirmed")
-            await session.flush()
-            self._confirmed(
-                session, reservation, resource.reserved, resource.held, resource.capacity, resource.version
-            )
-        metrics.RESERVATIONS.inc()
-        return reservation
+        """See :meth:`WaitingList.confirm`: the held place becomes a CONFIRMED reservation."""
+        return await self.waiting_list.confirm(entry_id)
 
-    def _finish_entry(self, session: AsyncSession, entry: WaitingListEntry, status: EntryStatus) -> None:
-        entry.status = status.value
-        entry.finished_at = _now(session)
-        entry.hold_expires_at = None
-
-    async def _lock_entry(self, session: AsyncSession, entry_id: str) -> tuple[Resource, WaitingListEntry]:
-        resource_id = await session.scalar(
-            select(WaitingListEntry.resource_id).where(WaitingListEntry.id == entry_id)
-        )
-        if resource_id is None:
-            raise NotFound(f"waiting list entry {entry_id} not found")
-        resource = await self._resource_or_404(session, resource_id, lock=True)
-        entry = await session.get(WaitingListEntry, entry_id, populate_existing=True)
-        return resource, entry
-
-    async def _offer_freed_places(self, session: AsyncSession, resource: Resource) -> int:
-        """With the resource locked: hold free places for the head of the list, in strict order, and tell
-        each offered client through the outbox. Returns how many entries were offered."""
-        if resource.state != ResourceState.OPEN:
-            return 0
-        now = _now(session)
-        expires_at = now + timedelta(seconds=self.config.hold_s)
-        offered = 0
-        waiting = await session.scalars(
-            select(WaitingListEntry)
-            .where(
-                WaitingListEntry.resource_id == resource.id,
-                WaitingListEntry.status == EntryStatus.WAITING.value,
-            )
-            .order_by(WaitingListEntry.created_at, WaitingListEntry.id)
-        )
-        for entry in waiting.all():
-            if entry.quantity > resource.capacity - resource.reserved - resource.held:
-                break  # strict order: the head waits for enough places, nobody overtakes it
-            entry.status = EntryStatus.OFFERED.value
-            entry.offered_at = now
-            entry.hold_expires_at = expires_at
-            resource.held += entry.quantity
-            offered += 1
-            events.append(
-                session,
-                _topic(resource.id),
-                "WaitingListOffered",
-                {
-                    "entry_id": entry.id,
-                    "client_id": entry.client_id,
-                    "quantity": entry.quantity,
-                    "hold_expires_at": expires_at.isoformat(),
-                },
-            )
-            if entry.contact:
-                await outbox.enqueue(
-                    session,
-                    [
-                        Message(
-                            recipient=entry.contact,
-                            category="waiting_list_offer",
-                            body=(
-                                f"✅ *PLACE DISPONIBLE* — {resource.name}\n\n"
-                                f"{entry.quantity} place(s) vous sont réservées jusqu'à "
-                                f"{expires_at.strftime('%H:%M UTC')}. Confirmez avant pour la garder.\n"
-                                f"Réf: {entry.id}"
-                            ),
-                            subject=_entry_subject(entry.id),
-                            expires_at=expires_at,
-                        )
-                    ],
-                )
-        if offered:
-            resource.version += 1
-            await session.flush()
-            _touch(session, resource.id)
-        return offered
-
-    @retry_transient
     async def expire_due_holds(self, db: Database, limit: int) -> int:
-        """Sweeper handler: OFFERED entries past ``hold_expires_at`` → EXPIRED; the place goes to the next.
-
-        Resources are locked first (``SKIP LOCKED``: another instance busy with one is left to it)."""
-        async with db.transaction() as session:
-            now = _now(session)
-            resource_ids = (
-                await session.scalars(
-                    select(WaitingListEntry.resource_id)
-                    .where(
-                        WaitingListEntry.status == EntryStatus.OFFERED.value,
-                        WaitingListEntry.hold_expires_at <= now,
-                    )
-                    .distinct()
-                    .limit(limit)
-                )
-            ).all()
-            if not resource_ids:
-                return 0
-            resources = (
-                await session.scalars(
-                    select(Resource)
-                    .where(Resource.id.in_(sorted(resource_ids)))
-                    .order_by(Resource.id)
-                    .with_for_update(skip_locked=True, key_share=True)
-                    .execution_options(populate_existing=True)
-                )
-            ).all()
-            expired = 0
-            for resource in resources:
-                lapsed = (
-                    await session.scalars(
-                        select(WaitingListEntry).where(
-                            WaitingListEntry.resource_id == resource.id,
-                            WaitingListEntry.status == EntryStatus.OFFERED.value,
-                            WaitingListEntry.hold_expires_at <= now,
-                        )
-                    )
-                ).all()
-                await _cancel_place_offers(session, [entry.id for entry in lapsed], "hold lapsed")
-                for entry in lapsed:
-                    self._finish_entry(session, entry, EntryStatus.EXPIRED)
-                    resource.held -= entry.quantity
-                    events.append(
-                        session, _topic(resource.id), "WaitingListHoldExpired", {"entry_id": entry.id}
-                    )
-                expired += len(lapsed)
-                resource.version += 1
-                await session.flush()
-                _touch(session, resource.id)
-                await self._offer_freed_places(session, resource)
-            return expired
+        """Sweeper handler (see :meth:`WaitingList.expire_due_holds`): lapsed holds → EXPIRED."""
+        return await self.waiting_list.expire_due_holds(db, limit)
 
     async def oldest_due_hold(self, session: AsyncSession, now: datetime) -> datetime | None:
-        return await session.scalar(
-            select(func.min(WaitingListEntry.hold_expires_at)).where(
-                WaitingListEntry.status == EntryStatus.OFFERED.value, WaitingListEntry.hold_expires_at <= now
-            )
-        )
+        """The sweeper's lag probe: the earliest due ``hold_expires_at`` (UTC), or None."""
+        return await self.waiting_list.oldest_due_hold(session, now)
 
     # -------------------------------------------------------------- reading
 
     async def timeline(
         self, resource_id: str, after_id: int = 0, limit: int = 1000
     ) -> list[events.EventRecord]:
-        """The resource's history from the event log, oldest first."""
+        """The resource's history from the event log, oldest first: events of ``resource:<id>`` with id >
+        ``after_id``, at most ``limit``. Raises :class:`NotFound` ``RESOURCE_NOT_FOUND``."""
         async with self.db.read() as session:
-            await self._resource_or_404(session, resource_id)
-            return await events.read(session, after_id=after_id, topics=[_topic(resource_id)], limit=limit)
+            await resource_or_404(session, resource_id)
+            return await events.read(session, after_id=after_id, topics=[topic(resource_id)], limit=limit)
 
     async def audit_log(
         self, *, target_id: str | None = None, action: str | None = None, after_id: int = 0, limit: int = 100
     ) -> list[AuditEntry]:
+        """Admin actions with id > ``after_id``, oldest first, at most ``limit``, optionally of one target
+        or one action (``resource.create``, ``resource.resize``…)."""
         async with self.db.read() as session:
             query = select(AuditEntry).where(AuditEntry.id > after_id).order_by(AuditEntry.id).limit(limit)
             if target_id:
@@ -723,7 +411,7 @@ class ReservationService:
             cursor = (rows[-1].created_at, rows[-1].id)
 
     async def utilization(self) -> tuple[int, float | None]:
-        """``(open resources, reserved / capacity over them)``."""
+        """``(open resources, reserved / capacity over them)``; the ratio is None when their capacity is 0."""
         async with self.db.read() as session:
             count, reserved, capacity = (
                 await session.execute(
@@ -733,29 +421,3 @@ class ReservationService:
                 )
             ).one()
         return int(count or 0), (float(reserved) / float(capacity) if capacity else None)
-
-    async def _resource_or_404(
-        self, session: AsyncSession, resource_id: str, *, lock: bool = False
-    ) -> Resource:
-        query = select(Resource).where(Resource.id == resource_id).execution_options(populate_existing=True)
-        if lock:
-            query = lock_for_update(query)
-        resource = await session.scalar(query)
-        if resource is None:
-            raise NotFound(f"resource {resource_id} not found")
-        return resource
-
-
-def _entry_subject(entry_id: str) -> str:
-    return f"waiting_list:{entry_id}"
-
-
-async def _cancel_place_offers(session: AsyncSession, entry_ids: list[str], reason: str) -> None:
-    """The "place disponible" messages of these entries, if not yet sent, are moot: cancel them."""
-    await outbox.cancel(
-        session,
-        [
-            Cancellation(reason, ("waiting_list_offer",), subject=_entry_subject(entry_id))
-            for entry_id in entry_ids
-        ],
-    )

@@ -1,0 +1,47 @@
+"""``dispatchd serve`` and ``dispatchd migrate``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from dispatchd.cli.common import console, settings, with_db
+
+
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Bind address [env DISPATCHD_HOST, default 127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env DISPATCHD_PORT, default 8000]")] = None,
+) -> None:
+    """Migrate the database, then serve the API with the sweeper and the delivery worker."""
+    import uvicorn
+
+    from dispatchd.app import create_app
+    from dispatchd.core.logging import configure_logging
+
+    config = settings(host=host, port=port)
+    configure_logging(config.log_level, json=config.log_json)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def migrate() -> None:
+    """Apply the database migrations (also done by `serve` at start) and make sure an admin key exists."""
+    from dispatchd.migrate import current_revision, prepare_database
+
+    config = settings()
+
+    async def run(db) -> str | None:
+        await prepare_database(db, config)
+        return await current_revision(db)
+
+    revision = with_db(run, config)
+    console.print(f"database at revision [bold]{revision}[/]")
