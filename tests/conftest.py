@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import itertools
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -20,15 +22,16 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import dispatchd
 from dispatchd.app import Services, build_services, create_app
 from dispatchd.config import Settings
 from dispatchd.core import auth
 from dispatchd.core.clock import ManualClock
-from dispatchd.core.db import Database
+from dispatchd.core.db import Base, Database
 from dispatchd.migrate import upgrade
 
 ADMIN_KEY = "dk_test_admin_key_0123456789abcdef"
@@ -36,23 +39,27 @@ REQUIRE_SERVICES = os.environ.get("DISPATCHD_REQUIRE_SERVICES") == "1"
 POSTGRES_URL = os.environ.get(
     "DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
-TABLES = [
-    "recipient_pacing",
-    "inbound_messages",
-    "alert_state",
-    "audit_log",
-    "idempotent_requests",
-    "waiting_list_entries",
-    "reservations",
-    "resources",
-    "events",
-    "notifications",
-    "matching_metrics",
-    "booking_offers",
-    "bookings",
-    "drivers",
-    "api_keys",
-]
+
+#: What marks a module that maps a table: a declarative class, or a ``Table("name", metadata, …)``.
+_MAPS_A_TABLE = re.compile(r"__tablename__|\bTable\(\s*[\"']")
+
+
+def _import_model_modules() -> None:
+    """Import every ``dispatchd`` module that maps a table, so that ``Base.metadata`` holds them all
+    (found by reading the sources: a module added later is picked up without editing this file)."""
+    package = Path(dispatchd.__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).with_suffix("")
+        if "migrations" in relative.parts or not _MAPS_A_TABLE.search(path.read_text(encoding="utf-8")):
+            continue
+        parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+        importlib.import_module(".".join(("dispatchd", *parts)))
+
+
+_import_model_modules()
+#: Every table of the schema, children before parents (safe order for deletes; PostgreSQL's
+#: ``TRUNCATE … CASCADE`` does not need it).
+TABLES = [table.name for table in reversed(Base.metadata.sorted_tables)]
 
 
 def run_blocking(coroutine_function, *args):
@@ -86,6 +93,17 @@ async def _create_postgres_database() -> str:
     return url
 
 
+async def _unmapped_tables(url: str) -> set[str]:
+    """Tables the migrations created that ``TABLES`` (the metadata) does not know: never emptied."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    return set(names) - set(TABLES) - {"alembic_version"}
+
+
 async def _drop_postgres_database(url: str) -> None:
     admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
@@ -101,6 +119,10 @@ def postgres_url() -> AsyncIterator[str]:
         url = run_blocking(lambda: asyncio.wait_for(_create_postgres_database(), 30))
     except Exception as exc:  # unreachable server, wrong credentials…
         _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}: {exc}"[:300])
+    unmapped = run_blocking(_unmapped_tables, url)
+    if unmapped:
+        run_blocking(_drop_postgres_database, url)
+        pytest.fail(f"tables missing from Base.metadata, so never emptied between tests: {sorted(unmapped)}")
     yield url
     run_blocking(_drop_postgres_database, url)
 

@@ -37,6 +37,7 @@ from dispatchd.reservations.models import (
 )
 from dispatchd.reservations.service import CommitOutcome, ResourceClosed, ResourceFull
 from tests.conftest import make_settings, reset_postgres
+from tests.factories import create_resource
 
 RESOURCES = 2
 HOLD_S = 900.0
@@ -209,11 +210,7 @@ async def _run_program(url: str, prepare: Callable[[], Awaitable[None]], program
     services = build_services(make_settings(url, waiting_list_hold_s=HOLD_S), clock)
     try:
         resource_ids = [
-            (
-                await services.reservations.create_resource(
-                    {"type": "room", "name": f"r{k}", "capacity": c}, "admin"
-                )
-            ).id
+            (await create_resource(services, c, type="room", name=f"r{k}", actor="admin")).id
             for k, c in enumerate(capacities)
         ]
         reservation_ids: list[str] = []

@@ -8,7 +8,7 @@ from dispatchd.core import events
 from dispatchd.matching.models import MatchingMetrics
 from dispatchd.matching.service import Action, MatchingOptions
 from dispatchd.notifications.models import Notification
-from tests.conftest import booking_data, driver_data
+from tests.factories import create_booking, create_driver, create_drivers
 
 
 async def _notifications(services, **filters) -> list[Notification]:
@@ -26,9 +26,9 @@ async def _events(services, topic: str | None = None):
 
 async def test_all_ten_available_drivers_are_notified(services):
     matching = services.matching
-    drivers = [await matching.create_driver(driver_data(name=f"D{i}")) for i in range(10)]
-    await matching.create_driver(driver_data(status="OFFLINE"))
-    booking = await matching.create_booking(booking_data())
+    drivers = [await create_driver(services, name=f"D{i}") for i in range(10)]
+    await create_driver(services, status="OFFLINE")
+    booking = await create_booking(services)
 
     result = await matching.start_matching(booking.id)
 
@@ -50,11 +50,11 @@ async def test_all_ten_available_drivers_are_notified(services):
 
 async def test_first_accept_wins_and_only_offered_drivers_hear_it_was_taken(services):
     matching = services.matching
-    offered = [await matching.create_driver(driver_data()) for _ in range(3)]
-    booking = await matching.create_booking(booking_data())
+    offered = await create_drivers(services, 3)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await services.delivery.run_once()  # the offers reach the drivers' phones
-    late = await matching.create_driver(driver_data())  # available, but never offered this booking
+    late = await create_driver(services)  # available, but never offered this booking
 
     first = await matching.respond(booking.id, offered[0].id, "ACCEPT")
     second = await matching.respond(booking.id, offered[1].id, "ACCEPT")
@@ -82,8 +82,8 @@ async def test_first_accept_wins_and_only_offered_drivers_hear_it_was_taken(serv
 
 async def test_repeated_answers_repeat_their_result(services):
     matching = services.matching
-    a, b = [await matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await matching.create_booking(booking_data())
+    a, b = await create_drivers(services, 2)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
 
     assert (await matching.respond(booking.id, b.id, "REJECT")).action is Action.REJECTED
@@ -98,9 +98,9 @@ async def test_repeated_answers_repeat_their_result(services):
 
 async def test_busy_driver_cannot_win_a_second_booking(services):
     matching = services.matching
-    driver = await matching.create_driver(driver_data())
-    first = await matching.create_booking(booking_data())
-    second = await matching.create_booking(booking_data())
+    driver = await create_driver(services)
+    first = await create_booking(services)
+    second = await create_booking(services)
     await matching.start_matching(first.id)
     await matching.start_matching(second.id)
 
@@ -114,10 +114,10 @@ async def test_busy_driver_cannot_win_a_second_booking(services):
 
 async def test_distance_mode_orders_and_filters_by_radius(services):
     matching = services.matching
-    near = await matching.create_driver(driver_data(lat=14.6690, lon=-17.4320))
-    mid = await matching.create_driver(driver_data(lat=14.70, lon=-17.45))
-    await matching.create_driver(driver_data(lat=14.80, lon=-17.30))  # ~19 km away
-    booking = await matching.create_booking(booking_data())
+    near = await create_driver(services, lat=14.6690, lon=-17.4320)
+    mid = await create_driver(services, lat=14.70, lon=-17.45)
+    await create_driver(services, lat=14.80, lon=-17.30)  # ~19 km away
+    booking = await create_booking(services)
 
     result = await matching.start_matching(
         booking.id, MatchingOptions(max_distance_km=5, priority_mode="DISTANCE")
@@ -130,16 +130,16 @@ async def test_distance_mode_orders_and_filters_by_radius(services):
 
 async def test_excluded_drivers_get_no_offer(services):
     matching = services.matching
-    keep, skip = [await matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await matching.create_booking(booking_data())
+    keep, skip = await create_drivers(services, 2)
+    booking = await create_booking(services)
     result = await matching.start_matching(booking.id, MatchingOptions(exclude_driver_ids=(skip.id,)))
     assert result.driver_ids == [keep.id]
 
 
 async def test_complete_frees_the_driver_at_the_drop_off(services):
     matching = services.matching
-    driver = await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data())
+    driver = await create_driver(services)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await matching.respond(booking.id, driver.id, "ACCEPT")
 

@@ -97,3 +97,24 @@ async def test_events_api_pages_with_next_after(client):
     assert [e["id"] for e in second["events"]] == [3] and second["next_after"] == 3
     assert empty == {"events": [], "next_after": 3}
     assert first["events"][0]["type"] == "DriverUpdated"
+
+
+async def test_staff_read_topic_patterns_and_a_driver_key_only_its_own_topic(services, client):
+    from tests.factories import post_driver_with_key
+
+    async with services.db.transaction() as session:
+        events.append(session, "booking:bkg_a", "T", {})
+        events.append(session, "booking:bkg_b", "T", {})
+        events.append(session, "resource:res_a", "T", {})
+    page = await client.get("/v1/events", params={"topic": "booking:*"})
+    assert [e["topic"] for e in page.json()["events"]] == ["booking:bkg_a", "booking:bkg_b"]
+    both = await client.get("/v1/events", params=[("topic", "booking:*"), ("topic", "resource:res_a")])
+    assert len(both.json()["events"]) == 3
+
+    driver_id, key = await post_driver_with_key(client)
+    mine = {"Authorization": f"Bearer {key}"}
+    own = await client.get("/v1/events", headers=mine)
+    assert {e["topic"] for e in own.json()["events"]} == {f"driver:{driver_id}"}
+    for forbidden in ("booking:*", "booking:bkg_a", "driver:drv_other"):
+        answer = await client.get("/v1/events", params={"topic": forbidden}, headers=mine)
+        assert (answer.status_code, answer.json()["code"]) == (403, "FORBIDDEN"), forbidden

@@ -33,7 +33,7 @@ LATENCY_MS = 150  # every send takes this long, so a batch is in flight most of 
 CONCURRENCY = 10  # rows per claim: 30 batches, a few seconds of sending
 KILL_AFTER_SENT = 60
 FINAL = {NotificationStatus.SENT, NotificationStatus.FAILED_PERMANENT, NotificationStatus.EXPIRED}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start(command: list[str], output: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -18,7 +18,8 @@ from dispatchd.core.db import Database
 from dispatchd.notifications import outbox, report
 from dispatchd.notifications.models import Notification
 from dispatchd.notifications.outbox import Message
-from tests.conftest import ADMIN_KEY, driver_data
+from tests.conftest import ADMIN_KEY
+from tests.factories import post_driver_with_key
 
 
 async def _write(db: Database, category: str, recipient: str, expires_in_s: float | None = None) -> str:
@@ -99,10 +100,7 @@ async def test_summary_defaults_to_the_last_hour_and_needs_staff(client, service
     assert (naive.status_code, naive.json()["code"]) == (422, "VALIDATION_ERROR")
     anonymous = await client.get("/v1/notifications/summary", headers={"Authorization": ""})
     assert anonymous.status_code == 401
-    driver = (await client.post("/v1/drivers", json=driver_data())).json()
-    key = (await client.post("/v1/api-keys", json={"role": "driver", "driver_id": driver["id"]})).json()[
-        "key"
-    ]
+    _, key = await post_driver_with_key(client)
     forbidden = await client.get("/v1/notifications/summary", headers={"Authorization": f"Bearer {key}"})
     assert forbidden.status_code == 403
 

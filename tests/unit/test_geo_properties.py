@@ -7,7 +7,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatchd.matching.geo import bounding_box, haversine_km
+from dispatchd.core.geo import bounding_box, haversine_km
 
 latitudes = st.floats(min_value=-80, max_value=80, allow_nan=False)
 longitudes = st.floats(min_value=-179, max_value=179, allow_nan=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -17,6 +16,7 @@ from dispatchd.notifications.channels.base import ChannelError, ErrorKind, Outbo
 from dispatchd.notifications.channels.smtp import SmtpChannel
 from dispatchd.notifications.channels.wachap import WaChapChannel
 from dispatchd.notifications.channels.whatsapp_cloud import WhatsAppCloudChannel
+from tests.conftest import free_port
 
 TOKEN = "EAAGsecretTOKEN1234567890"
 BASE_URL = "https://graph.example.test/v21.0"
@@ -301,12 +301,6 @@ async def test_wachap_http_failure_and_timeout() -> None:
 
 
 # --- SMTP ------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Inbox:

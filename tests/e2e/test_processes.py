@@ -144,7 +144,7 @@ async def test_two_servers_on_one_postgres_assign_each_booking_once(postgres_url
 @pytest.mark.postgres
 async def test_two_servers_on_one_postgres_sell_the_last_place_once(postgres_url, tmp_path):
     """Seed 003 "Scénario concurrence" across two `dispatchd serve` processes sharing PostgreSQL."""
-    from tests.test_reservations import _hundred_buyers_for_the_last_place
+    from tests.integration.test_reservations import _hundred_buyers_for_the_last_place
 
     await reset_postgres(postgres_url)
     ports = [free_port(), free_port()]

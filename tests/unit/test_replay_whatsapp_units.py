@@ -16,9 +16,10 @@ import pytest
 from rich.console import Console
 
 from dispatchd.core.errors import Forbidden
+from dispatchd.matching.inbound import OFFER_BUTTON
 from dispatchd.notifications.channels.base import OutboundMessage
 from dispatchd.notifications.channels.whatsapp_cloud import build_payload
-from dispatchd.notifications.webhooks import OFFER_BUTTON, parse_delivery, verify_signature
+from dispatchd.notifications.webhooks import parse_delivery, verify_signature
 from dispatchd.replay import (
     SHIPPED_TRIPS,
     OfferChoice,
@@ -30,9 +31,9 @@ from dispatchd.replay import (
     sign_webhook,
     webhook_reply_payload,
 )
-from tests.test_replay_units import _summary as replay_summary
+from tests.unit.test_replay_units import _summary as replay_summary
 
-DATA = Path(__file__).parent / "data" / "whatsapp"
+DATA = Path(__file__).resolve().parents[1] / "data" / "whatsapp"
 B1, B2, B3, B4 = "bkg_0a1b", "bkg_2c3d", "bkg_4e5f", "bkg_6a7b"
 
 

@@ -7,20 +7,12 @@ import asyncio
 import httpx
 import pytest
 
-from tests.conftest import admin_headers, booking_data, driver_data
-
-
-async def _driver_with_key(http: httpx.AsyncClient) -> tuple[str, str]:
-    created = await http.post("/v1/drivers", json=driver_data())
-    assert created.status_code == 201, created.text
-    driver_id = created.json()["id"]
-    key = await http.post("/v1/api-keys", json={"role": "driver", "driver_id": driver_id})
-    assert key.status_code == 201, key.text
-    return driver_id, key.json()["key"]
+from tests.conftest import admin_headers
+from tests.factories import post_booking, post_driver_with_key
 
 
 async def _searching_booking(http: httpx.AsyncClient) -> str:
-    booking = (await http.post("/v1/bookings", json=booking_data())).json()
+    booking = await post_booking(http)
     started = await http.post(f"/v1/bookings/{booking['id']}/matching", json={})
     assert started.status_code == 200, started.text
     return booking["id"]
@@ -45,7 +37,7 @@ async def test_simultaneous_accepts_have_exactly_one_winner(live_server, contend
     async with httpx.AsyncClient(
         base_url=live_server, headers=admin_headers(), limits=limits, timeout=60
     ) as http:
-        drivers = [await _driver_with_key(http) for _ in range(contenders)]
+        drivers = [await post_driver_with_key(http) for _ in range(contenders)]
         booking_id = await _searching_booking(http)
         barrier = asyncio.Barrier(contenders)
 
@@ -67,7 +59,7 @@ async def test_simultaneous_accepts_have_exactly_one_winner(live_server, contend
 
 async def test_one_driver_accepting_two_bookings_at_once_wins_at_most_one(live_server):
     async with httpx.AsyncClient(base_url=live_server, headers=admin_headers(), timeout=60) as http:
-        driver_id, key = await _driver_with_key(http)
+        driver_id, key = await post_driver_with_key(http)
         bookings = [await _searching_booking(http) for _ in range(5)]
         barrier = asyncio.Barrier(len(bookings))
 
@@ -86,7 +78,7 @@ async def test_many_bookings_and_drivers_racing_never_double_assign(live_server)
     async with httpx.AsyncClient(
         base_url=live_server, headers=admin_headers(), limits=limits, timeout=120
     ) as http:
-        drivers = [await _driver_with_key(http) for _ in range(10)]
+        drivers = [await post_driver_with_key(http) for _ in range(10)]
         bookings = [await _searching_booking(http) for _ in range(20)]
 
         pairs = [(b, d, k) for b in bookings for d, k in drivers]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dispatchd.config import SettingsError, load_settings
-from tests.conftest import booking_data, driver_data
+from tests.factories import create_booking, create_driver, create_drivers
 
 
 async def test_liveness_needs_no_key(client):
@@ -22,8 +22,8 @@ async def test_ready_needs_a_ticking_sweeper(client, services):
 
 
 async def test_ready_reports_a_lagging_sweeper(client, services, clock):
-    await services.matching.create_driver(driver_data())
-    booking = await services.matching.create_booking(booking_data())
+    await create_driver(services)
+    booking = await create_booking(services)
     await services.matching.start_matching(booking.id)
     await services.sweeper.run_once()
     clock.advance(30 + 31)  # offers due 31 s ago and nobody swept
@@ -37,7 +37,7 @@ async def test_component_health_follows_the_seed(client, services, clock):
     assert healthy["overall"] == "HEALTHY"
     assert set(healthy["components"]) == {"database", "notifications", "sweeper", "matching"}
 
-    booking = await services.matching.create_booking(booking_data())
+    booking = await create_booking(services)
     await services.matching.start_matching(booking.id)
     clock.advance(120)  # the customer's message has waited 2 min: the channel is not draining
     await services.sweeper.run_once()
@@ -64,7 +64,7 @@ async def test_component_health_grades_the_outbox_on_customer_and_admin_messages
 
 
 async def test_metrics_are_exposed_for_prometheus(client, services):
-    booking = await services.matching.create_booking(booking_data())
+    booking = await create_booking(services)
     await services.matching.start_matching(booking.id)
     text = (await client.get("/metrics")).text
     assert "dispatchd_matching_started_total" in text and "dispatchd_time_to_match_seconds_bucket" in text
@@ -78,15 +78,15 @@ async def test_metrics_are_exposed_for_prometheus(client, services):
 
 async def test_stats_report_rates_times_and_drivers(client, services, clock):
     matching = services.matching
-    fast, slow = [await matching.create_driver(driver_data()) for _ in range(2)]
+    fast, slow = await create_drivers(services, 2)
     for _ in range(2):
-        booking = await matching.create_booking(booking_data())
+        booking = await create_booking(services)
         await matching.start_matching(booking.id)
         clock.advance(4)
         await matching.respond(booking.id, slow.id, "REJECT")
         await matching.respond(booking.id, fast.id, "ACCEPT")
         await matching.complete(booking.id)
-    lonely = await matching.create_booking(booking_data())
+    lonely = await create_booking(services)
     await matching.start_matching(lonely.id)
     clock.advance(301)
     await services.sweeper.run_once()

@@ -20,7 +20,7 @@ from dispatchd.notifications.channels.whatsapp_cloud import WhatsAppCloudChannel
 from dispatchd.testing.fake_whatsapp import PAIR_LIMIT_CODE, FakeWhatsApp, serving
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Clock:

@@ -14,14 +14,7 @@ from sqlalchemy import select
 from dispatchd.notifications.models import Notification
 from dispatchd.reservations.service import ResourceFull
 from tests.conftest import admin_headers
-
-
-async def _resource(http, capacity: int, **extra) -> str:
-    created = await http.post(
-        "/v1/resources", json={"type": "seat", "name": "Bus 12", "capacity": capacity, **extra}
-    )
-    assert created.status_code == 201, created.text
-    return created.json()["id"]
+from tests.factories import create_resource, post_api_key, post_resource
 
 
 async def _reserve(http, resource_id: str, quantity: int = 1, client: str = "c1", **headers):
@@ -64,7 +57,7 @@ async def test_hundred_simultaneous_buyers_for_one_place_through_a_live_server(l
 
 
 async def test_every_refusal_has_its_code_and_changes_nothing(client):
-    resource_id = await _resource(client, 2)
+    resource_id = await post_resource(client, 2)
     assert (await _reserve(client, resource_id, 2)).status_code == 201
     full = await _reserve(client, resource_id)
     assert (full.status_code, full.json()["code"]) == (409, "RESOURCE_FULL")
@@ -72,7 +65,7 @@ async def test_every_refusal_has_its_code_and_changes_nothing(client):
     assert (await client.post(f"/v1/resources/{resource_id}/close")).json()["state"] == "CLOSED"
     closed = await _reserve(client, resource_id)
     assert closed.json()["code"] == "RESOURCE_CLOSED"
-    assert (await _reserve(client, "res_missing")).json()["code"] == "NOT_FOUND"
+    assert (await _reserve(client, "res_missing")).json()["code"] == "RESOURCE_NOT_FOUND"
     assert (await _reserve(client, resource_id, 0)).json()["code"] == "VALIDATION_ERROR"
     again = await client.post(f"/v1/resources/{resource_id}/close")
     assert (again.status_code, again.json()["code"]) == (409, "INVALID_STATE")
@@ -86,7 +79,7 @@ async def test_every_refusal_has_its_code_and_changes_nothing(client):
 
 
 async def test_cancel_frees_the_places_once(client):
-    resource_id = await _resource(client, 1)
+    resource_id = await post_resource(client, 1)
     reservation = (await _reserve(client, resource_id)).json()
     cancelled = await client.post(f"/v1/reservations/{reservation['id']}/cancel")
     assert cancelled.json()["status"] == "CANCELLED" and cancelled.json()["cancelled_at"]
@@ -98,7 +91,7 @@ async def test_cancel_frees_the_places_once(client):
 
 async def test_timeline_of_ten_sequential_reservations(client, clock):
     """Seed 003 "Scénario timeline": ordered server timestamps, timeline rebuilt from the event log."""
-    resource_id = await _resource(client, 10)
+    resource_id = await post_resource(client, 10)
     made = []
     for n in range(10):
         clock.advance(1)
@@ -114,7 +107,7 @@ async def test_timeline_of_ten_sequential_reservations(client, clock):
 
 
 async def test_idempotency_key_returns_the_first_answer(client):
-    resource_id = await _resource(client, 5)
+    resource_id = await post_resource(client, 5)
     first = await _reserve(client, resource_id, **{"Idempotency-Key": "order-42"})
     retry = await _reserve(client, resource_id, **{"Idempotency-Key": "order-42"})
     assert first.status_code == retry.status_code == 201
@@ -125,7 +118,7 @@ async def test_idempotency_key_returns_the_first_answer(client):
 
 
 async def test_a_refusal_is_replayed_too(client):
-    resource_id = await _resource(client, 0)
+    resource_id = await post_resource(client, 0)
     first = await _reserve(client, resource_id, **{"Idempotency-Key": "k"})
     await client.patch(f"/v1/resources/{resource_id}", json={"capacity": 5})
     retry = await _reserve(client, resource_id, **{"Idempotency-Key": "k"})
@@ -135,7 +128,7 @@ async def test_a_refusal_is_replayed_too(client):
 
 async def test_concurrent_retries_with_one_key_book_once(live_server):
     async with httpx.AsyncClient(base_url=live_server, headers=admin_headers(), timeout=60) as http:
-        resource_id = await _resource(http, 10)
+        resource_id = await post_resource(http, 10)
         answers = await asyncio.gather(
             *(_reserve(http, resource_id, **{"Idempotency-Key": "same"}) for _ in range(10))
         )
@@ -145,7 +138,7 @@ async def test_concurrent_retries_with_one_key_book_once(live_server):
 
 
 async def test_waiting_list_in_strict_order_with_expiring_holds(client, services, clock):
-    resource_id = await _resource(client, 1)
+    resource_id = await post_resource(client, 1)
     taken = (await _reserve(client, resource_id, client="first")).json()
     join = {"resource_id": resource_id, "quantity": 1}
     ana = (
@@ -186,13 +179,13 @@ async def test_waiting_list_in_strict_order_with_expiring_holds(client, services
 
 
 async def test_joining_is_refused_while_places_are_free(client):
-    resource_id = await _resource(client, 3)
+    resource_id = await post_resource(client, 3)
     refused = await client.post("/v1/waiting-list/join", json={"resource_id": resource_id, "client_id": "x"})
     assert (refused.status_code, refused.json()["code"]) == (409, "INVALID_STATE")
 
 
 async def test_leaving_an_offer_and_resizing_up_serve_the_next_entries(client, clock):
-    resource_id = await _resource(client, 1)
+    resource_id = await post_resource(client, 1)
     await _reserve(client, resource_id)
     entries = []
     for n in range(3):
@@ -210,7 +203,7 @@ async def test_leaving_an_offer_and_resizing_up_serve_the_next_entries(client, c
 
 
 async def test_availability_is_cached_and_invalidated_by_commits(client):
-    resource_id = await _resource(client, 3)
+    resource_id = await post_resource(client, 3)
     first = await client.get("/v1/availability", params={"resource_id": resource_id})
     second = await client.get("/v1/availability", params={"resource_id": resource_id})
     assert (first.headers["X-Cache-Status"], second.headers["X-Cache-Status"]) == ("MISS", "HIT")
@@ -220,7 +213,7 @@ async def test_availability_is_cached_and_invalidated_by_commits(client):
 
 
 async def test_admin_actions_are_audited_with_before_and_after(client):
-    resource_id = await _resource(client, 4)
+    resource_id = await post_resource(client, 4)
     await client.patch(f"/v1/resources/{resource_id}", json={"capacity": 6})
     await client.post(f"/v1/resources/{resource_id}/close")
     await client.post(f"/v1/resources/{resource_id}/reopen")
@@ -234,13 +227,13 @@ async def test_admin_actions_are_audited_with_before_and_after(client):
     resize = audit[1]
     assert (resize["before"]["capacity"], resize["after"]["capacity"]) == (4, 6)
     assert resize["actor"].startswith("admin:key_")
-    integration = (await client.post("/v1/api-keys", json={"role": "integration"})).json()["key"]
+    integration = (await post_api_key(client, "integration"))["key"]
     forbidden = await client.get("/v1/audit", headers={"Authorization": f"Bearer {integration}"})
     assert forbidden.json()["code"] == "FORBIDDEN"
 
 
 async def test_export_streams_every_reservation_as_csv(client, clock):
-    resource_id = await _resource(client, 5)
+    resource_id = await post_resource(client, 5)
     for n in range(3):
         clock.advance(0.001)
         await _reserve(client, resource_id, client=f"c{n}")
@@ -253,22 +246,24 @@ async def test_export_streams_every_reservation_as_csv(client, clock):
 
 
 async def test_rate_limit_per_api_key(services, settings, clock):
-    from dispatchd.app import create_app
+    from dispatchd.app import build_services, create_app
     from tests.conftest import make_settings
 
     limited = make_settings(settings.database_url, rate_limit="3/minute")
-    app = create_app(limited, clock=clock, run_migrations=False, background=False, services=services)
+    own = build_services(limited, clock)  # the limiter is built from the settings, with the domain
+    app = create_app(limited, clock=clock, run_migrations=False, background=False, services=own)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://t", headers=admin_headers()
     ) as http:
-        resource_id = await _resource(http, 10)
+        resource_id = await post_resource(http, 10)
         answers = [await _reserve(http, resource_id) for _ in range(4)]
     assert [a.status_code for a in answers] == [201, 201, 201, 429]
     assert answers[3].json()["code"] == "RATE_LIMITED" and int(answers[3].headers["Retry-After"]) >= 1
+    await own.db.dispose()
 
 
 async def test_security_headers_and_metrics(client):
-    resource_id = await _resource(client, 1)
+    resource_id = await post_resource(client, 1)
     response = await _reserve(client, resource_id)
     assert (
         response.headers["X-Frame-Options"] == "DENY"
@@ -287,9 +282,7 @@ async def test_security_headers_and_metrics(client):
 
 
 async def test_service_refusal_outcome_raises_the_right_error(services):
-    resource = await services.reservations.create_resource(
-        {"type": "slot", "name": "x", "capacity": 0}, "test"
-    )
+    resource = await create_resource(services, 0, type="slot", name="x")
     outcome = await services.reservations.reserve(resource.id, "c", 1)
     assert outcome.reservation is None and outcome.refusal == "RESOURCE_FULL"
     with pytest.raises(ResourceFull):
@@ -299,7 +292,7 @@ async def test_service_refusal_outcome_raises_the_right_error(services):
 async def test_a_client_joining_behind_an_offer_is_offered_the_free_place(client, clock):
     """Found by the hypothesis state machine: capacity 0, A joins, resize to 2 (A offered), B joins —
     B was left WAITING with a place free, and a direct buyer could take it."""
-    resource_id = await _resource(client, 0)
+    resource_id = await post_resource(client, 0)
     first = (
         await client.post("/v1/waiting-list/join", json={"resource_id": resource_id, "client_id": "A"})
     ).json()

@@ -24,12 +24,13 @@ from dispatchd.app import create_app
 from dispatchd.notifications import outbox, webhooks
 from dispatchd.notifications.models import InboundMessage, Notification
 from dispatchd.notifications.outbox import Message
-from tests.conftest import booking_data, driver_data, make_settings
+from tests.conftest import driver_data, make_settings
+from tests.factories import create_booking, create_driver, create_drivers
 
 SECRET = "s3cret"
 VERIFY_TOKEN = "verify-me"
 URL = "/v1/webhooks/whatsapp"
-DATA = Path(__file__).parent / "data" / "whatsapp"
+DATA = Path(__file__).resolve().parents[1] / "data" / "whatsapp"
 T0 = 1_767_600_000  # 2026-01-05 08:00:00 UTC, unix seconds
 
 
@@ -95,16 +96,12 @@ def _assert_problem(response: httpx.Response, status: int, code: str) -> dict:
 
 
 def _app(db_url: str, services, clock, **overrides: object) -> FastAPI:
-    app = create_app(
-        make_settings(db_url, **overrides),
-        clock=clock,
-        run_migrations=False,
-        background=False,
-        services=services,
+    """An app on ``services`` whose settings carry ``overrides`` (the webhook reads the secrets, the
+    templates and the routing mode from ``services.settings`` at each request)."""
+    services.settings = make_settings(db_url, **overrides)
+    return create_app(
+        services.settings, clock=clock, run_migrations=False, background=False, services=services
     )
-    if not any(getattr(route, "path", None) == URL for route in app.routes):
-        app.include_router(webhooks.router)  # until app.py includes it
-    return app
 
 
 async def _client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
@@ -262,7 +259,7 @@ async def test_a_text_message_is_stored_once_and_a_redelivery_is_a_duplicate(hoo
     assert row.button_id is None and row.context_message_id is None
     assert row.sent_at == at(1697043223)
     assert row.received_at == clock.now()
-    assert row.outcome == webhooks.OUTCOME_STORED
+    assert (row.routing_status, row.outcome) == ("UNROUTED", None)  # no handler takes a plain text
     assert row.raw == message
 
 
@@ -288,8 +285,8 @@ async def test_every_pywa_message_kind_is_stored(hooks, services):
     assert (stored["callback"].button_id, stored["callback"].text) == ("callback_data", "title")
     assert (stored["button"].type, stored["button"].button_id) == ("interactive", "callback_data")
     assert (stored["quick_reply"].type, stored["quick_reply"].button_id) == ("button", "callback_data")
-    # not offer buttons: stored, not routed
-    assert {row.outcome for row in stored.values()} == {webhooks.OUTCOME_STORED}
+    # not offer buttons: stored, taken by no handler
+    assert {(row.routing_status, row.outcome) for row in stored.values()} == {("UNROUTED", None)}
 
 
 # ---------------------------------------------------------------------------------------- statuses
@@ -385,8 +382,8 @@ async def test_statuses_of_unknown_messages_are_counted_unmatched(hooks, service
 @pytest.fixture
 async def searching(services):
     """Two available drivers and one booking being offered to both."""
-    drivers = [await services.matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await services.matching.create_booking(booking_data())
+    drivers = await create_drivers(services, 2)
+    booking = await create_booking(services)
     result = await services.matching.start_matching(booking.id)
     assert result.drivers_notified == 2
     return booking.id, drivers
@@ -411,13 +408,13 @@ async def test_a_driver_tap_assigns_the_booking_once_even_when_redelivered(
 ):
     booking_id, [driver, other] = searching
     calls: list[tuple] = []
-    respond = services.matching.respond
+    respond_in = services.matching.respond_in
 
-    async def counting_respond(*args):
+    async def counting_respond(session, *args):
         calls.append(args)
-        return await respond(*args)
+        return await respond_in(session, *args)
 
-    monkeypatch.setattr(services.matching, "respond", counting_respond)
+    monkeypatch.setattr(services.matching, "respond_in", counting_respond)
     envelope, wamid = tap("button", driver.phone, f"ACCEPT:{booking_id}")
 
     first = await post(hooks, envelope)
@@ -440,13 +437,13 @@ async def test_a_driver_tap_assigns_the_booking_once_even_when_redelivered(
 async def test_concurrent_first_deliveries_of_one_tap_respond_once(hooks, services, searching, monkeypatch):
     booking_id, [driver, _] = searching
     calls: list[tuple] = []
-    respond = services.matching.respond
+    respond_in = services.matching.respond_in
 
-    async def counting_respond(*args):
+    async def counting_respond(session, *args):
         calls.append(args)
-        return await respond(*args)
+        return await respond_in(session, *args)
 
-    monkeypatch.setattr(services.matching, "respond", counting_respond)
+    monkeypatch.setattr(services.matching, "respond_in", counting_respond)
     envelope, wamid = tap("button", driver.phone, f"ACCEPT:{booking_id}")
     responses = await asyncio.gather(*(post(hooks, envelope) for _ in range(3)))
     assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
@@ -471,7 +468,7 @@ async def test_tap_outcomes_reject_unknown_driver_and_missing_offer(hooks, servi
         assert row.outcome == outcome, button_id
 
     # a driver who was never offered this booking (registered after the wave)
-    late = await services.matching.create_driver(driver_data())
+    late = await create_driver(services)
     envelope, wamid = tap("button", late.phone, f"ACCEPT:{booking_id}")
     assert (await post(hooks, envelope)).status_code == 200
     assert [row.outcome for row in await inbound(services, wamid)] == ["OFFER_NOT_FOUND"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import booking_data, driver_data
+from tests.factories import post_api_key, post_booking, post_driver_with_key
 
 
 async def _state(client) -> tuple[int, int]:
@@ -27,14 +28,8 @@ def _assert_problem(response, status: int, code: str) -> dict:
 @pytest.fixture
 async def searching(client):
     """Two drivers with their own keys and one booking being matched."""
-    drivers = []
-    for _ in range(2):
-        driver = (await client.post("/v1/drivers", json=driver_data())).json()
-        key = (await client.post("/v1/api-keys", json={"role": "driver", "driver_id": driver["id"]})).json()[
-            "key"
-        ]
-        drivers.append((driver["id"], key))
-    booking = (await client.post("/v1/bookings", json=booking_data())).json()
+    drivers = [await post_driver_with_key(client) for _ in range(2)]
+    booking = await post_booking(client)
     assert (await client.post(f"/v1/bookings/{booking['id']}/matching")).status_code == 200
     return booking["id"], drivers
 
@@ -66,6 +61,16 @@ async def test_unknown_ids_are_404_with_their_code(client, searching):
         "OFFER_NOT_FOUND",
     )
     _assert_problem(await client.post("/v1/bookings/bkg_missing/matching"), 404, "BOOKING_NOT_FOUND")
+    _assert_problem(await client.get("/v1/resources/res_missing"), 404, "RESOURCE_NOT_FOUND")
+    _assert_problem(await client.get("/v1/reservations/rsv_missing"), 404, "RESERVATION_NOT_FOUND")
+    _assert_problem(await client.post("/v1/reservations/rsv_missing/cancel"), 404, "RESERVATION_NOT_FOUND")
+    for method, path in (
+        ("GET", "/v1/waiting-list/wle_missing"),
+        ("POST", "/v1/waiting-list/wle_missing/confirm"),
+        ("DELETE", "/v1/waiting-list/wle_missing"),
+    ):
+        _assert_problem(await client.request(method, path), 404, "WAITING_LIST_ENTRY_NOT_FOUND")
+    _assert_problem(await client.post("/v1/notifications/ntf_missing/retry"), 404, "NOTIFICATION_NOT_FOUND")
     _assert_problem(await client.get("/v1/nowhere"), 404, "NOT_FOUND")
     assert await _state(client) == before
 
@@ -140,7 +145,7 @@ async def test_driver_key_cannot_act_for_another_driver_or_as_staff(client, sear
 
 
 async def test_integration_key_cannot_manage_keys(client):
-    integration = (await client.post("/v1/api-keys", json={"role": "integration"})).json()["key"]
+    integration = (await post_api_key(client, "integration"))["key"]
     headers = {"Authorization": f"Bearer {integration}"}
     assert (await client.post("/v1/bookings", json=booking_data(), headers=headers)).status_code == 201
     _assert_problem(
@@ -149,7 +154,7 @@ async def test_integration_key_cannot_manage_keys(client):
 
 
 async def test_revoked_key_stops_working(client):
-    created = (await client.post("/v1/api-keys", json={"role": "integration"})).json()
+    created = await post_api_key(client, "integration")
     headers = {"Authorization": f"Bearer {created['key']}"}
     assert (await client.get("/v1/drivers", headers=headers)).status_code == 200
     assert (await client.delete(f"/v1/api-keys/{created['id']}")).json()["revoked_at"] is not None

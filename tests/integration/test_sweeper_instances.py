@@ -8,14 +8,13 @@ from sqlalchemy import func, select
 
 from dispatchd.app import build_services
 from dispatchd.matching.models import MatchingMetrics
-from tests.conftest import booking_data, driver_data
+from tests.factories import create_bookings, create_drivers
 
 
 async def test_two_sweepers_handle_each_due_offer_exactly_once(services, settings, clock):
     matching = services.matching
-    for _ in range(20):
-        await matching.create_driver(driver_data())
-    bookings = [await matching.create_booking(booking_data()) for _ in range(10)]
+    await create_drivers(services, 20)
+    bookings = await create_bookings(services, 10)
     for booking in bookings:
         await matching.start_matching(booking.id)
     clock.advance(31)

@@ -9,7 +9,7 @@ from dispatchd.core import events
 from dispatchd.matching.models import MatchingMetrics
 from dispatchd.matching.service import Action, MatchingOptions
 from dispatchd.notifications.models import Notification
-from tests.conftest import booking_data, driver_data
+from tests.factories import create_booking, create_driver, create_drivers
 
 
 async def _metrics(services, booking_id: str) -> MatchingMetrics:
@@ -31,8 +31,8 @@ async def _event_types(services, topic: str) -> list[str]:
 
 async def test_offer_times_out_after_30_seconds_not_before(services, clock):
     matching = services.matching
-    drivers = [await matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await matching.create_booking(booking_data())
+    drivers = await create_drivers(services, 2)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
 
     clock.advance(29)
@@ -50,8 +50,8 @@ async def test_offer_times_out_after_30_seconds_not_before(services, clock):
 
 async def test_answer_after_expiry_is_refused_even_before_the_sweeper_runs(services, clock):
     matching = services.matching
-    driver = await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data())
+    driver = await create_driver(services)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
 
     clock.advance(30.5)
@@ -65,8 +65,8 @@ async def test_answer_after_expiry_is_refused_even_before_the_sweeper_runs(servi
 
 async def test_search_times_out_after_5_minutes_and_alerts_admin(services, clock):
     matching = services.matching
-    driver = await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data(customer_name="Fatou Sow"))
+    driver = await create_driver(services)
+    booking = await create_booking(services, customer_name="Fatou Sow")
     await matching.start_matching(booking.id)
 
     clock.advance(299)
@@ -93,10 +93,10 @@ async def test_search_times_out_after_5_minutes_and_alerts_admin(services, clock
 
 async def test_escalation_offers_drivers_who_became_available_since(services, clock):
     matching = services.matching
-    first = await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data())
+    first = await create_driver(services)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
-    newcomer = await matching.create_driver(driver_data())
+    newcomer = await create_driver(services)
 
     clock.advance(30)
     handled = await services.sweeper.run_once()
@@ -114,9 +114,9 @@ async def test_escalation_offers_drivers_who_became_available_since(services, cl
 
 async def test_escalation_widens_the_radius(services, clock):
     matching = services.matching
-    await matching.create_driver(driver_data(lat=14.6690, lon=-17.4320))
-    far = await matching.create_driver(driver_data(lat=14.6681, lon=-17.3700))  # ~6.6 km east
-    booking = await matching.create_booking(booking_data())
+    await create_driver(services, lat=14.6690, lon=-17.4320)
+    far = await create_driver(services, lat=14.6681, lon=-17.3700)  # ~6.6 km east
+    booking = await create_booking(services)
 
     result = await matching.start_matching(booking.id, MatchingOptions(max_distance_km=5))
     assert far.id not in result.driver_ids
@@ -130,12 +130,12 @@ async def test_escalation_widens_the_radius(services, clock):
 
 async def test_everyone_rejecting_escalates_without_waiting_for_the_timeout(services, clock):
     matching = services.matching
-    a, b = [await matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await matching.create_booking(booking_data())
+    a, b = await create_drivers(services, 2)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await matching.respond(booking.id, a.id, "REJECT")
     await matching.respond(booking.id, b.id, "REJECT")
-    newcomer = await matching.create_driver(driver_data())
+    newcomer = await create_driver(services)
 
     clock.advance(1)
     await services.sweeper.run_once()
@@ -147,12 +147,12 @@ async def test_everyone_rejecting_escalates_without_waiting_for_the_timeout(serv
 
 async def test_search_with_nobody_available_waits_for_a_driver(services, clock):
     matching = services.matching
-    booking = await matching.create_booking(booking_data())
+    booking = await create_booking(services)
     result = await matching.start_matching(booking.id)
     assert result.drivers_notified == 0 and result.errors
 
     await services.sweeper.run_once()
-    driver = await matching.create_driver(driver_data())
+    driver = await create_driver(services)
     clock.advance(10)
     await services.sweeper.run_once()
 
@@ -161,8 +161,8 @@ async def test_search_with_nobody_available_waits_for_a_driver(services, clock):
 
 async def test_cancel_during_broadcast_closes_offers_and_silences_deadlines(services, clock):
     matching = services.matching
-    drivers = [await matching.create_driver(driver_data()) for _ in range(3)]
-    booking = await matching.create_booking(booking_data())
+    drivers = await create_drivers(services, 3)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await services.delivery.run_once()  # the offers reach the drivers' phones
     await matching.respond(booking.id, drivers[0].id, "REJECT")
@@ -179,6 +179,7 @@ async def test_cancel_during_broadcast_closes_offers_and_silences_deadlines(serv
     clock.advance(600)
     handled = await services.sweeper.run_once()
     assert handled == {
+        "inbound_routing": 0,
         "offer_expiry": 0,
         "search_expiry": 0,
         "escalation": 0,
@@ -192,8 +193,8 @@ async def test_cancel_during_broadcast_closes_offers_and_silences_deadlines(serv
 
 async def test_cancel_after_assignment_frees_the_driver(services):
     matching = services.matching
-    driver = await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data())
+    driver = await create_driver(services)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await matching.respond(booking.id, driver.id, "ACCEPT")
 
@@ -206,8 +207,8 @@ async def test_cancel_after_assignment_frees_the_driver(services):
 
 async def test_deadlines_that_passed_while_down_are_handled_at_the_next_start(services, settings, clock):
     matching = services.matching
-    await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data())
+    await create_driver(services)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await services.db.dispose()  # the server stops
 

@@ -9,7 +9,7 @@ from dispatchd.notifications.channels.base import ChannelError, OutboundMessage,
 from dispatchd.notifications.delivery import DeliveryWorker
 from dispatchd.notifications.models import Notification
 from dispatchd.notifications.outbox import Message
-from tests.conftest import booking_data, driver_data
+from tests.factories import create_booking, create_driver, create_drivers
 
 
 class FlakyChannel:
@@ -36,9 +36,8 @@ async def _rows(services) -> list[Notification]:
 
 async def test_matching_messages_are_delivered_by_the_log_channel(services):
     matching = services.matching
-    for _ in range(3):
-        await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data())
+    await create_drivers(services, 3)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
 
     assert await services.delivery.run_once() == 4  # 3 offers + the customer's "recherche en cours"
@@ -133,8 +132,8 @@ async def test_expired_message_is_not_sent_late(services, clock):
 
 async def test_notifications_api_filters_by_booking_and_category(client, services):
     matching = services.matching
-    await matching.create_driver(driver_data())
-    booking = await matching.create_booking(booking_data())
+    await create_driver(services)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     page = (await client.get("/v1/notifications", params={"booking_id": booking.id})).json()
     assert page["total"] == 2

@@ -24,7 +24,7 @@ from dispatchd.notifications.channels.whatsapp_cloud import build_payload
 from dispatchd.notifications.delivery import DeliveryWorker
 from dispatchd.notifications.models import Notification
 from dispatchd.notifications.outbox import Message
-from tests.conftest import booking_data, driver_data
+from tests.factories import create_booking, create_bookings, create_driver, create_drivers
 
 COALESCERS = {"driver_offer": messages.combine_offers, "offer_taken": messages.combine_taken}
 
@@ -178,8 +178,8 @@ def clock_now(session):
 
 async def test_an_assignment_cancels_unsent_offers_and_only_tells_drivers_who_saw_it(services):
     matching = services.matching
-    drivers = [await matching.create_driver(driver_data()) for _ in range(4)]
-    booking = await matching.create_booking(booking_data())
+    drivers = await create_drivers(services, 4)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await _deliver_to(services, {drivers[1].phone})  # only driver 1's offer left the outbox
 
@@ -203,8 +203,8 @@ async def test_an_assignment_cancels_unsent_offers_and_only_tells_drivers_who_sa
 
 async def test_the_winner_s_other_unsent_offers_are_cancelled(services):
     matching = services.matching
-    winner, other = [await matching.create_driver(driver_data()) for _ in range(2)]
-    first, second = [await matching.create_booking(booking_data()) for _ in range(2)]
+    winner, other = await create_drivers(services, 2)
+    first, second = await create_bookings(services, 2)
     await matching.start_matching(first.id)
     await matching.start_matching(second.id)
 
@@ -223,8 +223,8 @@ async def test_the_winner_s_other_unsent_offers_are_cancelled(services):
 
 async def test_a_cancel_or_timeout_tells_only_drivers_who_saw_the_offer(services, clock):
     matching = services.matching
-    drivers = [await matching.create_driver(driver_data()) for _ in range(3)]
-    cancelled, timed_out = [await matching.create_booking(booking_data()) for _ in range(2)]
+    drivers = await create_drivers(services, 3)
+    cancelled, timed_out = await create_bookings(services, 2)
     await matching.start_matching(cancelled.id)
     await _deliver_to(services, {drivers[0].phone})
     await matching.start_matching(timed_out.id)
@@ -242,8 +242,8 @@ async def test_a_cancel_or_timeout_tells_only_drivers_who_saw_the_offer(services
 
 async def test_a_rejection_cancels_the_driver_s_unsent_offer(services):
     matching = services.matching
-    driver, other = [await matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await matching.create_booking(booking_data())
+    driver, other = await create_drivers(services, 2)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await matching.respond(booking.id, driver.id, "REJECT")  # answered in the app before WhatsApp sent it
     [row] = await _rows(services, category="driver_offer", recipient=driver.phone)
@@ -259,9 +259,9 @@ async def test_coalescing_keeps_only_open_offers_nearest_first(services, clock):
     matching = services.matching
     channel = RecordingChannel()
     worker = _worker(services, channel)
-    near = await matching.create_driver(driver_data(lat=14.668, lon=-17.431))
-    rival = await matching.create_driver(driver_data(lat=14.70, lon=-17.40))
-    bookings = [await matching.create_booking(booking_data()) for _ in range(4)]
+    near = await create_driver(services, lat=14.668, lon=-17.431)
+    rival = await create_driver(services, lat=14.70, lon=-17.40)
+    bookings = await create_bookings(services, 4)
     await matching.start_matching(bookings[0].id)
     await worker.run_once()  # both drivers get offer 0 alone; their slots are taken for 6 s
     assert [m.payload["buttons"][0]["id"] for m in channel.to(near.phone)] == [f"ACCEPT:{bookings[0].id}"]
@@ -371,8 +371,8 @@ async def test_an_offer_made_moot_in_flight_is_cancelled_when_its_send_fails(ser
     matching = services.matching
     channel = FailingChannel()
     worker = _worker(services, channel)
-    seen, winner = [await matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await matching.create_booking(booking_data())
+    seen, winner = await create_drivers(services, 2)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     claimed = await worker._claim()  # the offers are in flight…
     await matching.respond(booking.id, winner.id, "ACCEPT")  # …when the booking is taken
@@ -439,8 +439,8 @@ async def test_an_operator_can_still_send_a_message_cancelled_as_moot(services):
     channel = RecordingChannel()
     worker = _worker(services, channel)
     matching = services.matching
-    driver, winner = [await matching.create_driver(driver_data()) for _ in range(2)]
-    booking = await matching.create_booking(booking_data())
+    driver, winner = await create_drivers(services, 2)
+    booking = await create_booking(services)
     await matching.start_matching(booking.id)
     await matching.respond(booking.id, winner.id, "ACCEPT")
     [moot] = await _rows(services, category="driver_offer", recipient=driver.phone)

@@ -22,7 +22,7 @@ Each run ends, read from the database once the outbox has settled (bounded wait)
 6. 0 double assignments (replay and database), every booking final, the replay's summary ``ok``.
 
 A failure lists every broken rule with counts, the outbox by category and state, and the replay's own
-summary. Run alone: ``.venv/bin/python -m pytest -q -s tests/test_outbox_peak_e2e.py``.
+summary. Run alone: ``.venv/bin/python -m pytest -q -s tests/e2e/test_outbox_peak_e2e.py``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from dispatchd.notifications.models import Notification
 from dispatchd.replay import SHIPPED_TRIPS, ReplayOptions, ReplaySummary, run_replay
 from tests.conftest import ADMIN_KEY, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 START, END = datetime(2014, 4, 30, 18, 22), datetime(2014, 4, 30, 18, 52)
 PICKUPS = 110
 SPEED = 40.0
