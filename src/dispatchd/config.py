@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     sweep_batch_size: int = Field(default=500, ge=1, le=10_000)
     sweeper_lag_warning_s: float = Field(default=5.0, gt=0)
     sweeper_lag_critical_s: float = Field(default=30.0, gt=0)
+    inbound_route_inline: bool = Field(
+        default=True,
+        description=(
+            "Route a new inbound WhatsApp message before answering the webhook (lowest latency); "
+            "false leaves it to the sweeper's next tick (shortest answer to Meta)"
+        ),
+    )
 
     notification_channel: str = Field(
         default="log", description="Outbound channel for phones: log | whatsapp_cloud | wachap"

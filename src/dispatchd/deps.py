@@ -1,4 +1,5 @@
-"""FastAPI dependencies shared by every router: the caller's principal and the app's services."""
+"""FastAPI dependencies shared by every router: the caller's principal and the app's services
+(``app.state.services``, built by :mod:`dispatchd.assembly`)."""
 
 from __future__ import annotations
 
@@ -42,11 +43,11 @@ async def principal(
     """The caller; raises :class:`Unauthorized` (401) without a valid, unrevoked key."""
     if credentials is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    cache: PrincipalCache = request.app.state.principals
+    services = request.app.state.services
+    cache: PrincipalCache = services.principals
     who = cache.get(credentials.credentials)
     if who is None:
-        db: Database = request.app.state.db
-        async with db.read() as session:
+        async with services.db.read() as session:
             who = await authenticate(session, credentials.credentials)
         if who is None:
             raise Unauthorized("unknown or revoked API key")
@@ -56,4 +57,22 @@ async def principal(
 
 
 def database(request: Request) -> Database:
-    return request.app.state.db
+    return request.app.state.services.db
+
+
+def domain_service(name: str):
+    """A dependency returning the service of domain ``name`` (``Depends(domain_service("matching"))``)."""
+
+    def dependency(request: Request):
+        return request.app.state.services.domain(name).service
+
+    return dependency
+
+
+def domain_extra(name: str, key: str):
+    """A dependency returning ``extras[key]`` of domain ``name`` (a rate limiter, a cache…)."""
+
+    def dependency(request: Request):
+        return request.app.state.services.domain(name).extras[key]
+
+    return dependency

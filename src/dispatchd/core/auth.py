@@ -5,7 +5,9 @@ has 256 bits of entropy, so a fast hash is the standard choice (as GitHub and St
 lookup is one indexed equality. Requests carry ``Authorization: Bearer <key>`` (RFC 6750).
 
 Roles: ``admin`` (everything), ``integration`` (everything but key management), ``driver`` (acts only
-as its own driver).
+as its own driver). A ``driver`` key is bound to a subject, ``driver:<id>`` (next, ``agent`` keys to
+``agent:<id>``): what it may read is decided by :meth:`Principal.may_read` over the topic names of
+:mod:`dispatchd.core.topics`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy import String, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from dispatchd.core import topics
 from dispatchd.core.db import Base
 from dispatchd.core.errors import Forbidden, InvalidInput, NotFound
 from dispatchd.core.ids import new_id
@@ -40,23 +43,67 @@ class ApiKey(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))
-    driver_id: Mapped[str | None] = mapped_column(String(40))
+    #: the topic the key acts as (``driver:drv_…``), for subject-bound roles only
+    subject: Mapped[str | None] = mapped_column(String(80))
     name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
+    @property
+    def driver_id(self) -> str | None:
+        return subject_id(self.subject, topics.DRIVER)
+
+
+#: the subject kind each subject-bound role is bound to
+SUBJECT_OF_ROLE = {Role.DRIVER: topics.DRIVER}
+
+
+def subject_id(subject: str | None, kind: str) -> str | None:
+    """``"driver:drv_1"``, ``"driver"`` → ``"drv_1"``; None for another kind or no subject."""
+    if subject is None:
+        return None
+    subject_kind, _, row_id = subject.partition(":")
+    return row_id if subject_kind == kind else None
+
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the key's id, its role and, for role ``driver``, its driver id."""
+    """Who is calling: the key's id, its role and, for a subject-bound role, its subject
+    (``driver:drv_…``)."""
 
     key_id: str
     role: Role
-    driver_id: str | None = None
+    subject: str | None = None
 
     @property
     def is_staff(self) -> bool:
         return self.role in (Role.ADMIN, Role.INTEGRATION)
+
+    @property
+    def driver_id(self) -> str | None:
+        return subject_id(self.subject, topics.DRIVER)
+
+    def may_read(self, topic: str) -> bool:
+        """Whether this principal may read events of ``topic`` (or, for staff, of a pattern such as
+        ``booking:*``): staff read everything; a subject-bound key reads its own subject's topic only."""
+        if self.is_staff:
+            return topics.is_valid(topic, pattern=True)
+        return self.subject is not None and topic == self.subject
+
+    def readable(self, requested: list[str] | None) -> list[str]:
+        """The topics to read for ``requested`` (None: everything this principal may read). Raises
+        :class:`Forbidden` naming the first topic it may not read."""
+        if not requested:
+            if self.is_staff:
+                return []
+            if self.subject is None:
+                raise Forbidden("this key may read no topic")
+            return [self.subject]
+        for topic in requested:
+            if not self.may_read(topic):
+                own = f"only topic {self.subject}" if self.subject else "no topic"
+                raise Forbidden(f"this key may not read topic {topic!r}; it may read {own}")
+        return requested
 
     def require_staff(self) -> None:
         """Raise :class:`Forbidden` unless admin or integration."""
@@ -69,7 +116,7 @@ class Principal:
 
     def require_driver(self, driver_id: str) -> None:
         """Raise :class:`Forbidden` when a driver key acts for another driver."""
-        if not self.is_staff and self.driver_id != driver_id:
+        if not self.is_staff and self.subject != topics.driver(driver_id):
             raise Forbidden("a driver key may act only as its own driver")
 
 
@@ -86,21 +133,31 @@ async def create_key(
     role: Role,
     *,
     driver_id: str | None = None,
+    subject: str | None = None,
     name: str | None = None,
     key: str | None = None,
 ) -> tuple[ApiKey, str]:
-    """Store a new key (only its hash) and return ``(row, plaintext key)``.
+    """Store a new key (only its hash) and return ``(row, plaintext key)``. ``driver_id`` is short for
+    ``subject="driver:<driver_id>"``.
 
-    Raises :class:`InvalidInput` when a driver key has no ``driver_id`` (or another role has one).
+    Raises :class:`InvalidInput` when a subject-bound role has no subject of its kind, or another role
+    has one.
     """
-    if (role is Role.DRIVER) != (driver_id is not None):
-        raise InvalidInput("role 'driver' needs a driver_id, and only it may have one")
+    if driver_id is not None:
+        if subject is not None and subject != topics.driver(driver_id):
+            raise InvalidInput("give driver_id or subject, not two different ones")
+        subject = topics.driver(driver_id)
+    kind = SUBJECT_OF_ROLE.get(role)
+    if kind is None and subject is not None:
+        raise InvalidInput(f"role {role.value!r} is not bound to a subject")
+    if kind is not None and (subject is None or not subject_id(subject, kind)):
+        raise InvalidInput(f"role {role.value!r} needs a subject {kind}:<id> ({kind}_id)")
     plaintext = key or generate_key()
     row = ApiKey(
         id=new_id("key"),
         key_hash=hash_key(plaintext),
         role=role.value,
-        driver_id=driver_id,
+        subject=subject,
         name=name,
         created_at=session.info["now"],
     )
@@ -114,14 +171,14 @@ async def authenticate(session: AsyncSession, key: str) -> Principal | None:
     row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     if row is None or row.revoked_at is not None:
         return None
-    return Principal(key_id=row.id, role=Role(row.role), driver_id=row.driver_id)
+    return Principal(key_id=row.id, role=Role(row.role), subject=row.subject)
 
 
 async def revoke_key(session: AsyncSession, key_id: str) -> ApiKey:
     """Mark a key revoked; raises :class:`NotFound`."""
     row = await session.get(ApiKey, key_id)
     if row is None:
-        raise NotFound(f"api key {key_id} not found")
+        raise NotFound(f"api key {key_id} not found", code="API_KEY_NOT_FOUND")
     if row.revoked_at is None:
         row.revoked_at = session.info["now"]
     return row

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index, String, select, text
+from sqlalchemy import JSON, Index, String, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dispatchd.core.db import Base
+from dispatchd.core.topics import is_pattern
 from dispatchd.core.types import BigIntPK, UTCDateTime
 
 EVENT_LOG_LOCK = 0x6469737061746368  # "dispatch"
@@ -86,9 +87,20 @@ async def flush(session: AsyncSession) -> int:
 async def read(
     session: AsyncSession, *, after_id: int = 0, topics: list[str] | None = None, limit: int = 100
 ) -> list[EventRecord]:
-    """Events with ``id > after_id`` (optionally only these topics), oldest first, at most ``limit``."""
+    """Events with ``id > after_id`` (optionally only these topics, or patterns such as ``booking:*``:
+    see :mod:`dispatchd.core.topics`), oldest first, at most ``limit``."""
     query = select(Event).where(Event.id > after_id).order_by(Event.id).limit(limit)
     if topics:
-        query = query.where(Event.topic.in_(topics))
+        exact = [name for name in topics if not is_pattern(name)]
+        conditions = [Event.topic.in_(exact)] if exact else []
+        for pattern in topics:
+            if pattern == "*":
+                conditions = []
+                break
+            if is_pattern(pattern):
+                prefix = pattern.rstrip("*").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                conditions.append(Event.topic.like(prefix + "%", escape="\\"))
+        if conditions:
+            query = query.where(or_(*conditions))
     rows = (await session.scalars(query)).all()
     return [EventRecord(row.id, row.topic, row.type, row.data, row.created_at) for row in rows]

@@ -47,3 +47,8 @@ CIRCUIT_STATE = Gauge("dispatchd_channel_circuit_state", "0 closed, 1 open, 2 ha
 UNKNOWN_ERRORS = Counter(
     "dispatchd_notification_unknown_errors_total", "Provider errors not in the table", ["channel"]
 )
+INBOUND_ROUTED = Counter(
+    "dispatchd_inbound_routed_total",
+    "Inbound messages routed, by the handler that took them (or unrouted, failed)",
+    ["handler"],
+)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dispatchd.core import auth, events
 from dispatchd.core.auth import Principal, Role
 from dispatchd.core.db import Database
-from dispatchd.core.errors import Forbidden
+from dispatchd.core.errors import NotFound
 from dispatchd.core.schemas import StrictModel
 from dispatchd.deps import database, principal
 
@@ -35,19 +35,19 @@ class EventPage(BaseModel):
 @router.get("/events", response_model=EventPage, tags=["events"], summary="Page through the event log")
 async def list_events(
     after: int = Query(0, ge=0, le=2**53, description="Return events with id > after"),
-    topic: list[str] | None = Query(None, description="Only these topics (repeatable)"),
+    topic: list[str] | None = Query(
+        None,
+        description="Only these topics (repeatable); staff may use patterns such as `booking:*`",
+    ),
     limit: int = Query(100, ge=1, le=1000),
     who: Principal = Depends(principal),
     db: Database = Depends(database),
 ):
-    """Events in id order. A driver key reads only ``driver:<own id>``."""
-    if not who.is_staff:
-        own = f"driver:{who.driver_id}"
-        if topic and any(t != own for t in topic):
-            raise Forbidden(f"a driver key may read only topic {own}")
-        topic = [own]
+    """Events in id order, of the topics this key may read (:meth:`Principal.may_read`): a driver key
+    reads only ``driver:<own id>``. Raises 403 FORBIDDEN for a topic the key may not read."""
+    topics = who.readable(topic)
     async with db.read() as session:
-        page = await events.read(session, after_id=after, topics=topic, limit=limit)
+        page = await events.read(session, after_id=after, topics=topics or None, limit=limit)
     return EventPage(
         events=[EventOut(**e.as_dict()) for e in page],
         next_after=page[-1].id if page else after,
@@ -61,7 +61,10 @@ class ApiKeyIn(StrictModel):
     )
 
     role: Role
-    driver_id: str | None = Field(default=None, max_length=40)
+    driver_id: str | None = Field(default=None, max_length=40, description="Short for subject driver:<id>")
+    subject: str | None = Field(
+        default=None, max_length=80, description="What a subject-bound key acts as: driver:<id>"
+    )
     name: str | None = Field(default=None, max_length=200)
 
 
@@ -70,6 +73,7 @@ class ApiKeyOut(BaseModel):
 
     id: str
     role: Role
+    subject: str | None
     driver_id: str | None
     name: str | None
     created_at: datetime
@@ -86,11 +90,18 @@ class ApiKeyCreated(ApiKeyOut):
 async def create_api_key(
     body: ApiKeyIn, request: Request, who: Principal = Depends(principal), db: Database = Depends(database)
 ):
+    """Admin only. A ``driver`` key needs its driver (``driver_id`` or ``subject: driver:<id>``). Raises
+    422 VALIDATION_ERROR for a missing or misplaced subject, 404 ``<KIND>_NOT_FOUND`` for an unknown
+    one."""
     who.require_admin()
-    if body.driver_id is not None:
-        await request.app.state.matching.get_driver(body.driver_id)  # 404 DRIVER_NOT_FOUND
+    services = request.app.state.services
     async with db.transaction() as session:
-        row, plaintext = await auth.create_key(session, body.role, driver_id=body.driver_id, name=body.name)
+        row, plaintext = await auth.create_key(
+            session, body.role, driver_id=body.driver_id, subject=body.subject, name=body.name
+        )
+        if row.subject is not None and not await services.subject_exists(session, row.subject):
+            kind, _, row_id = row.subject.partition(":")
+            raise NotFound(f"{kind} {row_id} not found", code=f"{kind.upper()}_NOT_FOUND")
     return ApiKeyCreated(**ApiKeyOut.model_validate(row).model_dump(), key=plaintext)
 
 
@@ -110,5 +121,5 @@ async def revoke_api_key(
     who.require_admin()
     async with db.transaction() as session:
         revoked = await auth.revoke_key(session, key_id)
-    request.app.state.principals.forget(key_id)
+    request.app.state.services.principals.forget(key_id)
     return revoked

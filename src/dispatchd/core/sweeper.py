@@ -26,13 +26,19 @@ log = get_logger("dispatchd.sweeper")
 MAX_BATCHES_PER_TICK = 20
 
 
+#: Phases of a tick: what people said first (inbound routing), then the domains' own deadlines, then
+#: the clean-up of what those made moot (expired outbox messages).
+INBOUND, DOMAIN, CLEANUP = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class Deadline:
-    """One kind of deadline. Handlers run in registration order within a tick."""
+    """One kind of deadline. Within a tick, handlers run by ``phase``, then in registration order."""
 
     name: str
     handle: Callable[[Database, int], Awaitable[int]]
     oldest_due: Callable[[AsyncSession, datetime], Awaitable[datetime | None]]
+    phase: int = DOMAIN
 
 
 class Sweeper:
@@ -48,6 +54,7 @@ class Sweeper:
 
     def register(self, deadline: Deadline) -> None:
         self.deadlines.append(deadline)
+        self.deadlines.sort(key=lambda registered: registered.phase)  # stable: registration order kept
 
     async def run_once(self) -> dict[str, int]:
         """Handle everything due now; return ``{deadline name: rows handled}``."""

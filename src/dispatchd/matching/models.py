@@ -95,6 +95,8 @@ class Booking(Base):
     assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_reason: Mapped[str | None] = mapped_column(Text)
+    #: the customer's 1 / 2 / 3 after a timed-out search: RELAUNCHED, LATER or CANCELLED (at most once)
+    customer_answer: Mapped[str | None] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

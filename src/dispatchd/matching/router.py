@@ -34,7 +34,7 @@ router = APIRouter(prefix="/v1", tags=["matching"])
 
 
 def service(request: Request) -> MatchingService:
-    return request.app.state.matching
+    return request.app.state.services.matching
 
 
 @router.post("/drivers", status_code=201, response_model=DriverOut, summary="Register a driver")
@@ -207,7 +207,7 @@ async def matching_stats(
     who: Principal = Depends(principal),
 ):
     who.require_staff()
-    db = request.app.state.db
+    db = request.app.state.services.db
     end = end or db.clock.now()
     start = start or end - timedelta(hours=24)
     if start >= end:

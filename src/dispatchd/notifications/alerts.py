@@ -38,6 +38,9 @@ from dispatchd.notifications.policy import Priority
 
 log = get_logger("dispatchd.notifications.alerts")
 
+#: the category of every message to admins (matching's timeout alerts use it too)
+ADMIN_ALERT = "admin_alert"
+
 FAILED = (NotificationStatus.FAILED.value, NotificationStatus.FAILED_PERMANENT.value)
 
 #: Alerts one digest carries at most, and how much of each it quotes, so that it stays under WhatsApp's
@@ -166,7 +169,7 @@ class AlertMonitor:
                 await outbox.enqueue(
                     session,
                     [
-                        Message(recipient=recipient, category="admin_alert", body=_text(alert, now))
+                        Message(recipient=recipient, category=ADMIN_ALERT, body=_text(alert, now))
                         for alert in fired
                         for recipient in self.recipients
                     ],

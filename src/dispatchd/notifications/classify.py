@@ -1,7 +1,7 @@
 """Provider failures → :class:`~dispatchd.notifications.channels.base.Classification`: one table.
 
 The table is the issue's ("classify provider failures"), kept as data below and tested code by code in
-``tests/test_classify.py``. Meta codes are those of the WhatsApp Cloud API "Error codes" page
+``tests/unit/test_classify.py``. Meta codes are those of the WhatsApp Cloud API "Error codes" page
 (https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes); a Graph API error answer
 looks like ``{"error": {"message": "(#131047) Re-engagement message", "type": "OAuthException",
 "code": 131047, "error_data": {"details": "..."}, "fbtrace_id": "..."}}``.

@@ -84,8 +84,19 @@ class RecipientPacing(Base):
     next_slot_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class RoutingStatus(StrEnum):
+    """Where an inbound message is on its way to a domain (:mod:`dispatchd.notifications.inbox`)."""
+
+    PENDING = "PENDING"  # due at ``next_attempt_at``; also after a failed attempt, until the limit
+    ROUTED = "ROUTED"  # a handler took it; ``handler`` and ``outcome`` say which and what happened
+    UNROUTED = "UNROUTED"  # no handler takes it: kept for an operator (``GET /v1/inbound``)
+    FAILED = "FAILED"  # every attempt failed; ``attempts`` and ``last_error`` say how
+
+
 class InboundMessage(Base):
-    """A message or button reply received by webhook, stored once per provider id (Meta re-delivers)."""
+    """A message or button reply received by webhook, stored once per provider id (Meta re-delivers),
+    with its routing state: routing is work on this row, claimed by the sweeper, never a step that a
+    crash can skip."""
 
     __tablename__ = "inbound_messages"
 
@@ -100,6 +111,20 @@ class InboundMessage(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     outcome: Mapped[str | None] = mapped_column(String(200))
     raw: Mapped[dict[str, Any]] = mapped_column(JSON)
+    routing_status: Mapped[str] = mapped_column(
+        String(20), default=RoutingStatus.PENDING.value, server_default="PENDING"
+    )
+    #: the handler that took the message (``matching.offer_button``…)
+    handler: Mapped[str | None] = mapped_column(String(40))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ix_inbound_messages_routing_status_next_attempt_at", "routing_status", "next_attempt_at"),
+        Index("ix_inbound_messages_received_at", "received_at"),
+    )
 
 
 class AlertState(Base):

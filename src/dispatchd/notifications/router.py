@@ -156,7 +156,7 @@ async def notifications_health(
     request: Request, who: Principal = Depends(principal), db: Database = Depends(database)
 ):
     who.require_staff()
-    return await admin.health(db, request.app.state.delivery.breakers)
+    return await admin.health(db, request.app.state.services.delivery.breakers)
 
 
 class CategoryLatency(BaseModel):

@@ -88,13 +88,13 @@ class AvailabilityCache:
 
 
 def service(request: Request) -> ReservationService:
-    return request.app.state.reservations
+    return request.app.state.services.reservations
 
 
 async def buyer(request: Request, who: Principal = Depends(principal)) -> Principal:
     """Admin or integration key, within its rate limit."""
     who.require_staff()
-    await request.app.state.rate_limiter.check(who.key_id)
+    await request.app.state.services.domain("reservations").extras["rate_limiter"].check(who.key_id)
     return who
 
 
@@ -183,7 +183,7 @@ async def availability(
     svc: ReservationService = Depends(service),
 ):
     """``X-Cache-Status: HIT`` when served from the cache (``DISPATCHD_AVAILABILITY_CACHE_S``), else MISS."""
-    cache: AvailabilityCache = request.app.state.availability
+    cache: AvailabilityCache = request.app.state.services.domain("reservations").extras["availability"]
     view = cache.get(resource_id)
     response.headers["X-Cache-Status"] = "HIT" if view else "MISS"
     if view is None:
