@@ -21,6 +21,9 @@ from dispatchd.matching import wiring as matching
 from dispatchd.notifications import wiring as notifications
 from dispatchd.reservations import wiring as reservations
 
+#: ``inbound_messages.handler`` holds the name of the handler that took a message
+HANDLER_NAME_MAX = 40
+
 DOMAINS = (
     notifications.build,
     matching.build,
@@ -88,6 +91,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     for domain in domains:
         for deadline in domain.deadlines:
             sweeper.register(deadline)
+        for handler in domain.inbound_handlers:
+            if len(handler.name) > HANDLER_NAME_MAX:
+                raise ValueError(f"inbound handler name {handler.name!r} is over {HANDLER_NAME_MAX} characters")
         context.inbound_handlers.extend(domain.inbound_handlers)
         context.coalescers.update(domain.coalescers)
         db.after_commit.extend(domain.on_commit)

@@ -11,6 +11,8 @@ import pytest
 from sqlalchemy import func, select
 
 from dispatchd.assembly import build_services
+from dispatchd.core import events
+from dispatchd.core.events import Event
 from dispatchd.core.inbound import Inbound
 from dispatchd.matching.models import Booking, BookingOffer
 from dispatchd.notifications import inbox
@@ -75,7 +77,21 @@ class Exploding:
             )
         )
         await session.flush()
+        events.append(session, "test:ghost", "Ghost", {"calls": self.calls})
         raise RuntimeError("handler bug")
+
+
+class Poison:
+    """Takes the texts "poison": its outcome is fine, but its event cannot be stored, so the whole
+    routing transaction fails at commit."""
+
+    name = "test.poison"
+
+    async def route(self, session, message: Inbound) -> str | None:
+        if message.text != "poison":
+            return None
+        events.append(session, "test:poison", "Poison", {"not json": object()})
+        return "TAKEN"
 
 
 async def test_a_message_no_handler_takes_is_unrouted_and_listed(services, client):
@@ -128,7 +144,10 @@ async def test_a_failing_handler_is_retried_with_backoff_then_failed_and_its_wri
         ghosts = await session.scalar(
             select(func.count()).select_from(InboundMessage).where(InboundMessage.id.like("inb_ghost%"))
         )
-    assert ghosts == 0
+        ghost_events = await session.scalar(
+            select(func.count()).select_from(Event).where(Event.topic == "test:ghost")
+        )
+    assert ghosts == 0 and ghost_events == 0  # neither its rows nor its events
 
     listed = await client.get("/v1/inbound", params={"routing_status": "FAILED"}, headers=admin_headers())
     assert [m["id"] for m in listed.json()["messages"]] == [inbound_id]
@@ -142,6 +161,28 @@ async def test_a_failing_handler_is_retried_with_backoff_then_failed_and_its_wri
     assert await services.inbox.route_due(services.db, 10) == 1
     routed_twice = await client.post(f"/v1/inbound/{inbound_id}/retry", headers=admin_headers())
     assert routed_twice.status_code == 200  # UNROUTED may be retried as often as an operator likes
+
+
+async def test_a_message_whose_routing_cannot_commit_never_blocks_the_ones_behind_it(services, clock):
+    poison = Poison()
+    services.inbox.handlers.insert(0, poison)
+    try:
+        async with services.db.transaction() as session:
+            first, _ = await inbox.store(session, [received(new_phone(), "poison")])
+        clock.advance(1)
+        async with services.db.transaction() as session:
+            second, _ = await inbox.store(session, [received(new_phone(), "bonjour")])
+        assert await services.inbox.route_due(services.db, 10) == 2
+        stuck, behind = await row(services, first[0]), await row(services, second[0])
+        assert (stuck.routing_status, stuck.attempts) == (RoutingStatus.PENDING, 1)
+        assert stuck.next_attempt_at > clock.now() and "TypeError" in stuck.last_error
+        assert behind.routing_status == RoutingStatus.UNROUTED
+        for _ in range(ROUTING_POLICY.max_attempts):
+            clock.advance(ROUTING_POLICY.cap_s * 1.5)
+            await services.inbox.route_due(services.db, 10)
+        assert (await row(services, first[0])).routing_status == RoutingStatus.FAILED
+    finally:
+        services.inbox.handlers.remove(poison)
 
 
 async def test_two_instances_route_every_stored_message_exactly_once(services, settings, clock):
@@ -189,6 +230,7 @@ async def test_a_driver_who_types_accepter_with_one_open_offer_wins_it(services,
     driver = await create_driver(services)
     booking = await create_booking(services)
     await services.matching.start_matching(booking.id)
+    await services.delivery.run_once()  # the offer reaches the driver's phone
     [inbound_id] = await deliver(services, received(driver.phone, typed))
     routed = await row(services, inbound_id)
     assert (routed.handler, routed.outcome) == ("matching.typed_answer", "ASSIGNED")
@@ -199,6 +241,7 @@ async def test_a_driver_who_types_refuser_rejects_the_offer(services):
     driver = await create_driver(services)
     booking = await create_booking(services)
     await services.matching.start_matching(booking.id)
+    await services.delivery.run_once()
     [inbound_id] = await deliver(services, received(driver.phone, "Refuser."))
     assert (await row(services, inbound_id)).outcome == "REJECTED"
     async with services.db.read() as session:
@@ -206,13 +249,16 @@ async def test_a_driver_who_types_refuser_rejects_the_offer(services):
     assert offer.response == "REJECTED"
 
 
-async def test_a_typed_answer_without_one_open_offer_gets_a_clear_reply_and_decides_nothing(services):
+async def test_a_typed_answer_without_one_open_offer_gets_a_clear_reply_and_decides_nothing(services, clock):
     driver = await create_driver(services)
     [none] = await deliver(services, received(driver.phone, "accepter"))
     assert (await row(services, none)).outcome == "NO_OPEN_OFFER"
     first, second = await create_booking(services), await create_booking(services)
     await services.matching.start_matching(first.id)
     await services.matching.start_matching(second.id)
+    await services.delivery.run_once()  # the reply above goes first: the offers wait the phone's slot
+    clock.advance(services.settings.recipient_interval_s + 1)
+    await services.delivery.run_once()  # both offers reach the phone (in one message)
     [several] = await deliver(services, received(driver.phone, "ACCEPTER"))
     assert (await row(services, several)).outcome == "AMBIGUOUS"
     for booking in (first, second):
@@ -221,6 +267,51 @@ async def test_a_typed_answer_without_one_open_offer_gets_a_clear_reply_and_deci
     assert len(replies) == 2
     assert "Aucune course" in replies[0].body or "Aucune course" in replies[1].body
     assert any("2 courses" in reply.body for reply in replies)
+
+
+async def test_a_typed_answer_never_accepts_an_offer_the_driver_has_not_received(services):
+    driver = await create_driver(services)
+    booking = await create_booking(services)
+    await services.matching.start_matching(booking.id)  # the offer's message is still in the outbox
+    [inbound_id] = await deliver(services, received(driver.phone, "oui"))
+    assert (await row(services, inbound_id)).outcome == "NO_OPEN_OFFER"
+    assert (await services.matching.get_booking(booking.id)).status == "SEARCHING"
+
+
+async def test_a_bare_oui_just_after_an_offer_expired_is_ambiguous_when_another_is_open(services, clock):
+    driver = await create_driver(services)
+    first = await create_booking(services)
+    await services.matching.start_matching(first.id)
+    await services.delivery.run_once()
+    clock.advance(services.settings.offer_timeout_s - 5)
+    second = await create_booking(services)
+    await services.matching.start_matching(second.id)
+    clock.advance(6)  # the first offer has expired; the second is open
+    await services.sweeper.run_once()
+    await services.delivery.run_once()
+    [late] = await deliver(services, received(driver.phone, "oui"))
+    assert (await row(services, late)).outcome == "AMBIGUOUS"
+    assert (await services.matching.get_booking(second.id)).status == "SEARCHING"
+
+
+async def test_a_reply_quoting_an_offer_answers_that_offer(services):
+    driver = await create_driver(services)
+    first, second = await create_booking(services), await create_booking(services)
+    await services.matching.start_matching(first.id)
+    await services.delivery.run_once()
+    await services.matching.start_matching(second.id)
+    async with services.db.read() as session:
+        quoted = await session.scalar(
+            select(Notification.provider_message_id).where(
+                Notification.subject == f"booking:{first.id}", Notification.recipient == driver.phone
+            )
+        )
+    assert quoted
+    reply = received(driver.phone, "ACCEPTER")
+    reply = Received(**{**reply.__dict__, "context_message_id": quoted})
+    [inbound_id] = await deliver(services, reply)
+    assert (await row(services, inbound_id)).outcome == "ASSIGNED"
+    assert (await services.matching.get_booking(first.id)).driver_id == driver.id
 
 
 async def test_a_customer_who_types_oui_is_not_taken_for_a_driver(services):

@@ -63,3 +63,11 @@ def test_a_subject_bound_key_acts_only_as_its_subject():
     with pytest.raises(Forbidden):
         DRIVER.require_driver("drv_2")
     ADMIN.require_driver("drv_2")
+
+
+def test_staff_read_topics_of_ids_with_dots_and_colons():
+    for name in ("resource:room.1", "resource:site:a", "resource:room.*"):
+        assert ADMIN.may_read(name), name
+    assert not ADMIN.may_read("booking:*x")  # a star only at the end
+    assert not ADMIN.may_read("booking:" + "x" * 200)  # longer than the event log's column
+    assert not DRIVER.may_read("resource:room.1")

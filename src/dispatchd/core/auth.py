@@ -100,6 +100,8 @@ class Principal:
                 raise Forbidden("this key may read no topic")
             return [self.subject]
         for topic in requested:
+            if self.is_staff and not topics.is_valid(topic, pattern=True):
+                raise InvalidInput(f"{topic!r} is neither a topic (kind:id) nor a pattern (kind:*)")
             if not self.may_read(topic):
                 own = f"only topic {self.subject}" if self.subject else "no topic"
                 raise Forbidden(f"this key may not read topic {topic!r}; it may read {own}")

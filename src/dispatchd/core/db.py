@@ -58,6 +58,25 @@ retry_transient = retry(
 )
 
 
+@contextlib.asynccontextmanager
+async def savepoint(session: AsyncSession) -> AsyncIterator[None]:
+    """``SAVEPOINT`` … ``RELEASE``, or ``ROLLBACK TO`` on an exception, together with what the unit of
+    work buffers outside the database in ``session.info`` (events to append, touched ids, counters),
+    so that a rolled-back part leaves no event behind."""
+    saved = {key: _copy(value) for key, value in session.info.items()}
+    try:
+        async with session.begin_nested():
+            yield
+    except BaseException:
+        session.info.clear()
+        session.info.update(saved)
+        raise
+
+
+def _copy(value: Any) -> Any:
+    return type(value)(value) if isinstance(value, list | set | dict) else value
+
+
 def lock_for_update(query):
     """``FOR NO KEY UPDATE`` on PostgreSQL (plain ``FOR UPDATE`` would also block the foreign-key checks
     of other transactions and deadlock with them); nothing on SQLite, whose writers are serialised."""

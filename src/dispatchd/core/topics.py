@@ -21,8 +21,12 @@ AGENT = "agent"
 #: kinds a key can be bound to (``api_keys.subject``), with the role that binds it
 SUBJECT_KINDS = (DRIVER, AGENT)
 
-_TOPIC = re.compile(r"^[a-z_]+:[A-Za-z0-9_\-]+$")
-_PATTERN = re.compile(r"^(\*|[a-z_]+:\*|[a-z_]+:[A-Za-z0-9_\-]*\*?)$")
+#: ``kind:id``; an id is what its domain allows (resource ids may hold ``.`` and ``:``), never a space
+#: or a ``*``; 200 characters at most, as the event log's column
+_TOPIC = re.compile(r"^[a-z_]+:[^\s*]+$")
+#: ``*``, or a topic prefix ending with one ``*``: ``booking:*``, ``resource:room.*``
+_PATTERN = re.compile(r"^(\*|[a-z_]+:[^\s*]*\*)$")
+TOPIC_MAX = 200
 
 
 def topic(kind: str, row_id: str) -> str:
@@ -63,6 +67,8 @@ def is_pattern(name: str) -> bool:
 
 def is_valid(name: str, *, pattern: bool = False) -> bool:
     """A topic name, or with ``pattern`` also a pattern (``*``, ``kind:*``, ``kind:prefix*``)."""
+    if len(name) > TOPIC_MAX:
+        return False
     return bool(_TOPIC.match(name) or (pattern and _PATTERN.match(name)))
 
 

@@ -8,8 +8,6 @@ the driver's answer is then recorded in the same unit of work.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from sqlalchemy import select, update
@@ -17,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import events, metrics, topics
+from dispatchd.core.db import savepoint
 from dispatchd.core.errors import NotFound
 from dispatchd.core.logging import get_logger
 from dispatchd.matching import messages
@@ -76,7 +75,7 @@ async def respond(
     if answer == "REJECT":
         return await _reject(session, offer)
     try:
-        async with _savepoint(session):
+        async with savepoint(session):
             return await _accept(session, config, offer, status, version)
     except _Abort as lost:
         # Everything the attempt wrote is rolled back; the driver's answer is kept.
@@ -86,20 +85,6 @@ async def respond(
         if lost.action is not Action.DRIVER_BUSY:
             await _record_answer(session, offer, "ACCEPT")
         return ResponseResult(False, lost.action, booking_id, driver_id)
-
-
-@contextlib.asynccontextmanager
-async def _savepoint(session: AsyncSession) -> AsyncIterator[None]:
-    """``SAVEPOINT`` … ``RELEASE``, or ``ROLLBACK TO`` on an exception, together with what the unit of
-    work buffers outside the database (``session.info``: events to append, counters)."""
-    saved = {key: list(value) if isinstance(value, list) else value for key, value in session.info.items()}
-    try:
-        async with session.begin_nested():
-            yield
-    except BaseException:
-        session.info.clear()
-        session.info.update(saved)
-        raise
 
 
 async def _offer_with_booking(

@@ -4,8 +4,9 @@
 1. ``matching.offer_button``: a driver's tap on an offer's reply button, ``ACCEPT:<booking_id>`` or
    ``REJECT:<booking_id>`` (seed 000 §2.3 handleDriverResponse).
 2. ``matching.typed_answer``: a known driver who types ACCEPTER / REFUSER (or oui / non; case, accents
-   and punctuation ignored). With exactly one open offer, it answers that offer; with none or several,
-   the driver gets a clear reply and nothing is decided.
+   and punctuation ignored). With exactly one open offer whose message the driver received (or a reply
+   quoting one), it answers that offer; with none or several, the driver gets a clear reply and nothing
+   is decided.
 3. ``matching.customer_answer``: a customer's 1 / 2 / 3 after "aucun chauffeur disponible" (seed 000
    §4 "proposer de relancer"), within 24 h and once: 1 = a new booking with the same trip and a new
    search, 2 = later (acknowledged), 3 = the request is dropped (acknowledged).
@@ -19,7 +20,7 @@ import re
 import unicodedata
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import events, topics
@@ -27,10 +28,11 @@ from dispatchd.core.db import lock_for_update
 from dispatchd.core.errors import DispatchdError
 from dispatchd.core.inbound import Inbound
 from dispatchd.matching import messages
-from dispatchd.matching.models import Booking, BookingStatus, Driver
+from dispatchd.matching.models import Booking, BookingOffer, BookingStatus, Driver, OfferResponse
 from dispatchd.matching.service import MatchingService
 from dispatchd.matching.types import Category
 from dispatchd.notifications import outbox
+from dispatchd.notifications.models import Notification
 from dispatchd.notifications.outbox import Message
 
 #: Reply-button ids of driver offers (:func:`messages.offer_buttons`): ``ACCEPT:bkg_…`` / ``REJECT:bkg_…``.
@@ -44,6 +46,9 @@ CUSTOMER_CHOICES = {"1": "RELAUNCHED", "2": "LATER", "3": "CANCELLED"}
 
 #: How long after a timeout the customer's 1/2/3 still counts (WhatsApp's customer service window).
 CUSTOMER_ANSWER_WINDOW = timedelta(hours=24)
+
+#: An offer seen and expired this recently may still be what a bare "oui" answers.
+RECENTLY_EXPIRED = timedelta(seconds=15)
 
 #: A reply about an answer is useless after this long.
 REPLY_TTL = timedelta(minutes=5)
@@ -97,8 +102,14 @@ class OfferButton:
 
 
 class TypedAnswer:
-    """``matching.typed_answer``: the answer's action with one open offer, else ``NO_OPEN_OFFER`` or
-    ``AMBIGUOUS`` (with a reply to the driver). Not a driver, or not an answer: passes."""
+    """``matching.typed_answer``: the answer's action when it names one offer the driver has seen, else
+    ``NO_OPEN_OFFER`` or ``AMBIGUOUS`` (with a reply to the driver). Not a driver, or not an answer:
+    passes.
+
+    Only offers whose WhatsApp message reached the provider count (an offer still queued behind the
+    driver's 6 s pacing slot was never seen). A reply quoting an offer's message answers that offer. An
+    offer seen and expired in the last :data:`RECENTLY_EXPIRED` makes a bare "oui" ambiguous: it may
+    have been meant for it."""
 
     name = "matching.typed_answer"
 
@@ -114,14 +125,49 @@ class TypedAnswer:
         driver_id = await _driver_id(session, message.from_phone)
         if driver_id is None:
             return None
-        offers = await self.service.open_offers_of(session, driver_id)
-        if len(offers) == 1:
-            result = await self.service.respond_in(session, offers[0].booking_id, driver_id, answer)
-            return result.action.value
         now = session.info["now"]
-        body = messages.no_open_offer() if not offers else messages.several_open_offers(len(offers))
-        await outbox.enqueue(session, [_reply(message, Category.DRIVER_REPLY, body, now)])
-        return "NO_OPEN_OFFER" if not offers else "AMBIGUOUS"
+        seen = await _seen_offer_messages(session, message.from_phone, now - RECENTLY_EXPIRED)
+        open_ids = [offer.booking_id for offer in await self.service.open_offers_of(session, driver_id)]
+        open_seen = [booking_id for booking_id in open_ids if booking_id in seen]
+        quoted = [booking_id for booking_id, wamid in seen.items() if wamid == message.context_message_id]
+        recently_expired = [booking_id for booking_id in seen if booking_id not in open_ids]
+        if message.context_message_id and len(quoted) == 1:
+            target = quoted[0]
+        elif len(open_seen) == 1 and not recently_expired:
+            target = open_seen[0]
+        elif not open_seen and len(recently_expired) == 1:
+            target = recently_expired[0]  # a late answer: recorded, and told OFFER_EXPIRED as a late tap
+        else:
+            body = messages.no_open_offer() if not open_seen else messages.several_open_offers(len(seen))
+            await outbox.enqueue(session, [_reply(message, Category.DRIVER_REPLY, body, now)])
+            return "NO_OPEN_OFFER" if not open_seen else "AMBIGUOUS"
+        try:
+            result = await self.service.respond_in(session, target, driver_id, answer)
+        except DispatchdError as exc:
+            return exc.code
+        return result.action.value
+
+
+async def _seen_offer_messages(session: AsyncSession, phone: str, since) -> dict[str, str | None]:
+    """``{booking id: wamid}`` of the offers whose message reached this phone and whose offer was open
+    at or after ``since`` (UTC)."""
+    rows = await session.execute(
+        select(BookingOffer.booking_id, Notification.provider_message_id)
+        .join(Driver, Driver.id == BookingOffer.driver_id)
+        .join(
+            Notification,
+            (Notification.subject == literal("booking:") + BookingOffer.booking_id)
+            & (Notification.recipient == Driver.phone)
+            & (Notification.category == Category.DRIVER_OFFER.value),
+        )
+        .where(
+            Driver.phone == phone,
+            BookingOffer.expires_at >= since,
+            BookingOffer.response.is_(None) | (BookingOffer.response == OfferResponse.TIMEOUT.value),
+            Notification.status.in_(outbox.HANDED_STATUSES),
+        )
+    )
+    return {booking_id: wamid for booking_id, wamid in rows.all()}
 
 
 class CustomerAnswer:

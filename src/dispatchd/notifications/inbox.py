@@ -10,7 +10,8 @@ on its row, so that no reply is ever lost between the two steps.
   the claim's transaction: the first that returns an outcome takes it (ROUTED, with handler and
   outcome); if none does, it is UNROUTED and stays for an operator (``GET /v1/inbound``).
 * A handler that raises rolls back its own work (a savepoint); the row is retried with exponential
-  backoff (:data:`ROUTING_POLICY`: 1 s, 2 s, 4 s… capped at 60 s, 6 attempts), then FAILED.
+  backoff (:data:`ROUTING_POLICY`: 1 s, 2 s, 4 s… 32 s, 60 s: FAILED after the 8th attempt, about
+  2 min after the first). A failure of the whole routing transaction is recorded the same way.
 
 Lock order: the inbound row first, then whatever the handler locks (bookings, offers, drivers…).
 """
@@ -28,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import metrics
-from dispatchd.core.db import Database, retry_transient
+from dispatchd.core.db import Database, is_transient, lock_for_update, retry_transient, savepoint
 from dispatchd.core.errors import InvalidState
 from dispatchd.core.ids import new_id
 from dispatchd.core.inbound import Inbound, InboundHandler
@@ -41,7 +42,7 @@ from dispatchd.notifications.policy import RetryPolicy
 log = get_logger("dispatchd.inbox")
 
 #: Backoff of a failed routing: a handler's bug or a database hiccup, not a provider's rate limit.
-ROUTING_POLICY = RetryPolicy("inbound_routing", base_s=1.0, cap_s=60.0, max_attempts=6, jitter=0.2)
+ROUTING_POLICY = RetryPolicy("inbound_routing", base_s=1.0, cap_s=60.0, max_attempts=8, jitter=0.2)
 
 _ID_MAX = 200  # provider_message_id, button_id, context_message_id columns
 _ERROR_MAX = 2000
@@ -83,7 +84,7 @@ async def store(session: AsyncSession, messages: Sequence[Received]) -> tuple[li
     now: datetime = session.info["now"]
     stored: list[str] = []
     duplicates = 0
-    for message in sorted(messages, key=lambda message: message.wamid):
+    for message in messages:  # the delivery's order: a sender's messages are routed as they were sent
         if message.wamid in known:
             duplicates += 1
             continue
@@ -104,7 +105,7 @@ async def store(session: AsyncSession, messages: Sequence[Received]) -> tuple[li
             next_attempt_at=now,
         )
         try:
-            async with session.begin_nested():
+            async with savepoint(session):
                 session.add(row)
                 await session.flush()
         except IntegrityError:  # a concurrent delivery of the same message committed first
@@ -140,49 +141,65 @@ class Inbox:
 
     async def route_due(self, db: Database, limit: int) -> int:
         """The sweeper's deadline: route at most ``limit`` due messages, one transaction each. Returns
-        how many were claimed."""
+        how many were claimed (a message whose routing failed counts: its attempt is recorded)."""
         handled = 0
         while handled < limit and await self._route_one(db, None):
             handled += 1
         return handled
 
     async def route(self, db: Database, inbound_ids: Sequence[str]) -> None:
-        """Route these just-stored messages now (the webhook's fast path). A row another instance or the
-        sweeper holds is skipped; an error is logged and left to the sweeper."""
+        """Route these just-stored messages now (the webhook's fast path), in order. A row another
+        instance or the sweeper holds is skipped; a failure is recorded on the row for the sweeper."""
         for inbound_id in inbound_ids:
             try:
                 await self._route_one(db, inbound_id)
-            except Exception:
-                log.exception(
-                    "routing an inbound message failed; the sweeper retries it", inbound_id=inbound_id
-                )
+            except Exception:  # the database itself failed: the row is still due, the sweeper retries
+                log.exception("routing an inbound message failed", inbound_id=inbound_id)
 
     async def oldest_due(self, session: AsyncSession, now: datetime) -> datetime | None:
         return await session.scalar(select(func.min(InboundMessage.next_attempt_at)).where(due(now)))
 
-    @retry_transient
     async def _route_one(self, db: Database, inbound_id: str | None) -> bool:
-        """Claim one due message (this one, when given) and route it; False when there is none."""
+        """Claim one due message (this one, when given) and route it; False when there is none.
+
+        A failure of the whole routing transaction (not only of a handler: an event that cannot be
+        stored, a value too long for its column…) is recorded on the row in a transaction of its own,
+        so that one poison message never blocks the ones behind it."""
+        claimed: list[str] = []
+        try:
+            return await self._claim_and_route(db, inbound_id, claimed)
+        except Exception as exc:
+            if not claimed:
+                raise
+            await self._record_failure(db, claimed[-1], exc)
+            return True
+
+    @retry_transient
+    async def _claim_and_route(self, db: Database, inbound_id: str | None, claimed: list[str]) -> bool:
         async with db.transaction() as session:
             now: datetime = session.info["now"]
             query = select(InboundMessage).where(due(now))
             if inbound_id is not None:
                 query = query.where(InboundMessage.id == inbound_id)
             query = (
-                query.order_by(InboundMessage.next_attempt_at, InboundMessage.id)
+                # received order: what a sender wrote first is routed first
+                query.order_by(InboundMessage.next_attempt_at, InboundMessage.sent_at, InboundMessage.id)
                 .limit(1)
                 .with_for_update(skip_locked=True, key_share=True)
             )
             row = await session.scalar(query)
             if row is None:
                 return False
+            claimed.append(row.id)
             row.attempts += 1
             message = _view(row)
             try:
-                async with session.begin_nested():
+                async with savepoint(session):
                     taken = await self._offer(session, message)
-            except Exception as exc:  # the handler's work is rolled back; the claim commits the failure
-                self._failed(row, exc, now)
+            except Exception as exc:
+                if is_transient(exc):  # a deadlock: re-run the whole claim, as any unit of work
+                    raise
+                self._failed(row, exc, now)  # the handler's work is rolled back; its failure commits
                 return True
             row.next_attempt_at = None
             row.routed_at = now
@@ -203,6 +220,21 @@ class Inbox:
             )
             return True
 
+    @retry_transient
+    async def _record_failure(self, db: Database, inbound_id: str, exc: Exception) -> None:
+        async with db.transaction() as session:
+            row = await session.scalar(
+                lock_for_update(
+                    select(InboundMessage)
+                    .where(InboundMessage.id == inbound_id)
+                    .execution_options(populate_existing=True)
+                )
+            )
+            if row is None or row.routing_status != RoutingStatus.PENDING.value:
+                return
+            row.attempts += 1
+            self._failed(row, exc, session.info["now"])
+
     async def _offer(self, session: AsyncSession, message: Inbound) -> tuple[str, str] | None:
         for handler in self.handlers:
             outcome = await handler.route(session, message)
@@ -216,13 +248,18 @@ class Inbox:
             row.routing_status = RoutingStatus.FAILED.value
             row.next_attempt_at = None
             metrics.INBOUND_ROUTED.labels("failed").inc()
-        else:
-            row.next_attempt_at = now + timedelta(seconds=ROUTING_POLICY.delay_s(row.attempts, self._rng))
-        log.exception(
-            "an inbound handler failed",
+            # the traceback once, when routing gives up; each retry before is one warning line
+            log.exception(
+                "routing an inbound message failed for good", inbound_id=row.id, attempts=row.attempts
+            )
+            return
+        row.next_attempt_at = now + timedelta(seconds=ROUTING_POLICY.delay_s(row.attempts, self._rng))
+        log.warning(
+            "routing an inbound message failed; retrying",
             inbound_id=row.id,
             attempts=row.attempts,
-            routing_status=row.routing_status,
+            next_attempt_at=row.next_attempt_at.isoformat(),
+            error=type(exc).__name__,
         )
 
 

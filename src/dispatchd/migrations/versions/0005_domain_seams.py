@@ -64,6 +64,9 @@ def downgrade() -> None:
     op.execute("UPDATE api_keys SET driver_id = substr(subject, 8) WHERE subject LIKE 'driver:%'")
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.drop_column("subject")
+    # Back to 0004's outcomes, so that an upgrade again does not take old texts for unrouted taps.
+    op.execute("UPDATE inbound_messages SET outcome = 'STORED' WHERE routing_status = 'UNROUTED'")
+    op.execute("UPDATE inbound_messages SET outcome = 'ROUTING_FAILED' WHERE routing_status = 'FAILED'")
     with op.batch_alter_table("inbound_messages", schema=None) as batch_op:
         batch_op.drop_index("ix_inbound_messages_received_at")
         batch_op.drop_index("ix_inbound_messages_routing_status_next_attempt_at")
