@@ -93,7 +93,9 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
             sweeper.register(deadline)
         for handler in domain.inbound_handlers:
             if len(handler.name) > HANDLER_NAME_MAX:
-                raise ValueError(f"inbound handler name {handler.name!r} is over {HANDLER_NAME_MAX} characters")
+                raise ValueError(
+                    f"inbound handler name {handler.name!r} is over {HANDLER_NAME_MAX} characters"
+                )
         context.inbound_handlers.extend(domain.inbound_handlers)
         context.coalescers.update(domain.coalescers)
         db.after_commit.extend(domain.on_commit)
