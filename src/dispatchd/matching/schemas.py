@@ -154,6 +154,9 @@ class BookingOut(BaseModel):
     assigned_at: datetime | None
     finished_at: datetime | None
     cancel_reason: str | None
+    customer_answer: str | None = Field(
+        default=None, description="After a TIMEOUT, the customer's answer: RELAUNCHED, LATER or CANCELLED"
+    )
     created_at: datetime
 
 
