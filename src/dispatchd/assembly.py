@@ -17,6 +17,7 @@ from dispatchd.core.db import Database
 from dispatchd.core.sweeper import Sweeper
 from dispatchd.core.wiring import Context, Domain
 from dispatchd.deps import PrincipalCache
+from dispatchd.dispatcher import wiring as dispatcher
 from dispatchd.matching import wiring as matching
 from dispatchd.notifications import wiring as notifications
 from dispatchd.reservations import wiring as reservations
@@ -28,6 +29,7 @@ DOMAINS = (
     notifications.build,
     matching.build,
     reservations.build,
+    dispatcher.build,  # after matching: it takes every inbound message matching does not
 )
 
 
@@ -76,6 +78,10 @@ class Services:
     @property
     def alerts(self):
         return self.domain("notifications").extras["alerts"]
+
+    @property
+    def dispatcher(self):
+        return self.domain("dispatcher").service
 
     @property
     def inbox(self):

@@ -125,6 +125,34 @@ class Settings(BaseSettings):
         default="memory://", description="memory:// (per process) or redis://host:6379"
     )
 
+    agent_presence_timeout_s: float = Field(
+        default=90.0, gt=0, description="An agent without a heartbeat this long is disconnected (seed 001)"
+    )
+    agent_reply_timeout_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="A conversation whose customer waits this long for its agent's reply moves on (0 = off)",
+    )
+    conversation_idle_close_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="A conversation with no message this long closes (WhatsApp's 24 h window)",
+    )
+    pending_alert_s: float = Field(
+        default=600.0, gt=0, description="Admins are alerted when a conversation waits for an agent this long"
+    )
+    dispatch_schedule: str | None = Field(
+        default=None,
+        description="Cron expression of the scheduled distribution of pending conversations (seed 001 §6.4), "
+        "in DISPATCHD_TIMEZONE, e.g. '0 8 * * 1-5'",
+    )
+    timezone: str = Field(default="UTC", description="The business's IANA time zone, e.g. Africa/Dakar")
+    pending_notice: str = Field(
+        default="Merci pour votre message : un conseiller vous répond dès que possible.",
+        max_length=1000,
+        description="Sent once per conversation to a customer whose message no agent can take yet",
+    )
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -150,6 +178,26 @@ class Settings(BaseSettings):
         bad = [phone for phone in value if not is_e164(phone)]
         if bad:
             raise ValueError(f"not E.164 phone numbers: {', '.join(bad)}")
+        return value
+
+    @field_validator("dispatch_schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and value.strip() and not croniter.is_valid(value):
+            raise ValueError("must be a cron expression (minute hour day month weekday)")
+        return value.strip() or None if value is not None else None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone such as Africa/Dakar") from None
         return value
 
     @field_validator("notification_channel")

@@ -37,6 +37,20 @@ def received(phone: str, text: str | None = None, button_id: str | None = None) 
     )
 
 
+@pytest.fixture
+def matching_only(services):
+    """Only matching's handlers: what matching does not take stays UNROUTED (no dispatcher)."""
+    kept = list(services.inbox.handlers)
+    services.inbox.handlers[:] = [h for h in kept if h.name.startswith("matching.")]
+    yield
+    services.inbox.handlers[:] = kept
+
+
+def left_to_the_dispatcher(stored: InboundMessage) -> bool:
+    """Matching did not take it: the next domain's handler did."""
+    return (stored.routing_status, stored.handler) == (RoutingStatus.ROUTED, "dispatcher.customer_message")
+
+
 async def deliver(services, *messages: Received) -> list[str]:
     """Store as the webhook does, then route inline as the webhook does."""
     async with services.db.transaction() as session:
@@ -94,7 +108,7 @@ class Poison:
         return "TAKEN"
 
 
-async def test_a_message_no_handler_takes_is_unrouted_and_listed(services, client):
+async def test_a_message_no_handler_takes_is_unrouted_and_listed(services, client, matching_only):
     [inbound_id] = await deliver(services, received(new_phone(), "Bonjour, je voudrais réserver"))
     stored = await row(services, inbound_id)
     assert (stored.routing_status, stored.handler, stored.outcome, stored.attempts) == (
@@ -121,7 +135,7 @@ async def test_drivers_may_not_read_the_inbox(services, client):
 
 
 async def test_a_failing_handler_is_retried_with_backoff_then_failed_and_its_writes_never_commit(
-    services, clock, client
+    services, clock, client, matching_only
 ):
     exploding = Exploding()
     services.inbox.handlers.insert(0, exploding)
@@ -163,7 +177,9 @@ async def test_a_failing_handler_is_retried_with_backoff_then_failed_and_its_wri
     assert routed_twice.status_code == 200  # UNROUTED may be retried as often as an operator likes
 
 
-async def test_a_message_whose_routing_cannot_commit_never_blocks_the_ones_behind_it(services, clock):
+async def test_a_message_whose_routing_cannot_commit_never_blocks_the_ones_behind_it(
+    services, clock, matching_only
+):
     poison = Poison()
     services.inbox.handlers.insert(0, poison)
     try:
@@ -318,7 +334,7 @@ async def test_a_customer_who_types_oui_is_not_taken_for_a_driver(services):
     booking = await create_booking(services)
     await services.matching.start_matching(booking.id)
     [inbound_id] = await deliver(services, received(booking.customer_phone, "oui"))
-    assert (await row(services, inbound_id)).routing_status == RoutingStatus.UNROUTED
+    assert left_to_the_dispatcher(await row(services, inbound_id))
 
 
 async def timed_out(services, clock) -> Booking:
@@ -357,7 +373,7 @@ async def test_customer_answer_1_relaunches_the_same_trip_once(services, clock):
         assert getattr(relaunched, column) == getattr(booking, column)
     assert (await services.matching.get_booking(booking.id)).customer_answer == "RELAUNCHED"
     [again] = await deliver(services, received(booking.customer_phone, "1"))
-    assert (await row(services, again)).routing_status == RoutingStatus.UNROUTED  # not a second relaunch
+    assert left_to_the_dispatcher(await row(services, again))  # not a second relaunch
 
 
 @pytest.mark.parametrize(("choice", "outcome"), [("2", "LATER"), (" 3.", "CANCELLED")])
@@ -371,14 +387,14 @@ async def test_customer_answers_2_and_3_are_acknowledged_once(services, clock, c
     ]
     assert len(replies) == 1
     [twice] = await deliver(services, received(booking.customer_phone, choice))
-    assert (await row(services, twice)).routing_status == RoutingStatus.UNROUTED
+    assert left_to_the_dispatcher(await row(services, twice))
 
 
 async def test_a_customer_answer_after_24_hours_is_not_taken(services, clock):
     booking = await timed_out(services, clock)
     clock.advance(timedelta(hours=24, seconds=1).total_seconds())
     [inbound_id] = await deliver(services, received(booking.customer_phone, "1"))
-    assert (await row(services, inbound_id)).routing_status == RoutingStatus.UNROUTED
+    assert left_to_the_dispatcher(await row(services, inbound_id))
 
 
 async def test_inbound_filters(services, client):

@@ -259,7 +259,12 @@ async def test_a_text_message_is_stored_once_and_a_redelivery_is_a_duplicate(hoo
     assert row.button_id is None and row.context_message_id is None
     assert row.sent_at == at(1697043223)
     assert row.received_at == clock.now()
-    assert (row.routing_status, row.outcome) == ("UNROUTED", None)  # no handler takes a plain text
+    # no offer button: matching passes it on, the dispatcher holds it (no agent is online)
+    assert (row.routing_status, row.handler, row.outcome) == (
+        "ROUTED",
+        "dispatcher.customer_message",
+        "PENDING",
+    )
     assert row.raw == message
 
 
@@ -285,8 +290,8 @@ async def test_every_pywa_message_kind_is_stored(hooks, services):
     assert (stored["callback"].button_id, stored["callback"].text) == ("callback_data", "title")
     assert (stored["button"].type, stored["button"].button_id) == ("interactive", "callback_data")
     assert (stored["quick_reply"].type, stored["quick_reply"].button_id) == ("button", "callback_data")
-    # not offer buttons: stored, taken by no handler
-    assert {(row.routing_status, row.outcome) for row in stored.values()} == {("UNROUTED", None)}
+    # not offer buttons: matching passes them on to the dispatcher
+    assert {row.handler for row in stored.values()} == {"dispatcher.customer_message"}
 
 
 # ---------------------------------------------------------------------------------------- statuses

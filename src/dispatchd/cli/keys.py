@@ -14,14 +14,16 @@ app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True
 
 @app.command("create")
 def keys_create(
-    role: Annotated[str, typer.Option(help="admin | integration | driver")],
+    role: Annotated[str, typer.Option(help="admin | integration | driver | agent")],
     driver_id: Annotated[str | None, typer.Option(help="The driver this key acts for (role driver)")] = None,
+    agent_id: Annotated[str | None, typer.Option(help="The agent this key acts for (role agent)")] = None,
     name: Annotated[str | None, typer.Option(help="A label, e.g. whose phone it is")] = None,
 ) -> None:
     """Create an API key and print it once (only its hash is stored)."""
     from dispatchd.core import auth
     from dispatchd.core.errors import DispatchdError
     from dispatchd.core.rows import get_or_404
+    from dispatchd.dispatcher.models import Agent
     from dispatchd.matching.models import Driver
 
     config = settings()
@@ -35,7 +37,12 @@ def keys_create(
         async with db.transaction() as session:
             if driver_id:
                 await get_or_404(session, Driver, driver_id, code="DRIVER_NOT_FOUND", what="driver")
-            row, plaintext = await auth.create_key(session, parsed_role, driver_id=driver_id, name=name)
+            if agent_id:
+                await get_or_404(session, Agent, agent_id, code="AGENT_NOT_FOUND", what="agent")
+            subject = f"agent:{agent_id}" if agent_id else None
+            row, plaintext = await auth.create_key(
+                session, parsed_role, driver_id=driver_id, subject=subject, name=name
+            )
             return row.id, plaintext
 
     try:
@@ -50,19 +57,19 @@ def keys_create(
 
 @app.command("list")
 def keys_list() -> None:
-    """List API keys (ids, roles, drivers; never the keys themselves)."""
+    """List API keys (ids, roles, subjects; never the keys themselves)."""
     from dispatchd.core import auth
 
     async def read(db):
         async with db.read() as session:
             return await auth.list_keys(session)
 
-    table = Table("id", "role", "driver", "name", "created", "revoked")
+    table = Table("id", "role", "subject", "name", "created", "revoked")
     for row in with_db(read):
         table.add_row(
             row.id,
             row.role,
-            row.driver_id or "",
+            row.subject or "",
             row.name or "",
             row.created_at.isoformat(timespec="seconds"),
             row.revoked_at.isoformat(timespec="seconds") if row.revoked_at else "",

@@ -5,8 +5,9 @@ has 256 bits of entropy, so a fast hash is the standard choice (as GitHub and St
 lookup is one indexed equality. Requests carry ``Authorization: Bearer <key>`` (RFC 6750).
 
 Roles: ``admin`` (everything), ``integration`` (everything but key management), ``driver`` (acts only
-as its own driver). A ``driver`` key is bound to a subject, ``driver:<id>`` (next, ``agent`` keys to
-``agent:<id>``): what it may read is decided by :meth:`Principal.may_read` over the topic names of
+as its own driver), ``agent`` (acts only as its own agent: presence, its conversations). A ``driver``
+key is bound to a subject, ``driver:<id>``, an ``agent`` key to ``agent:<id>``: what it may read is
+decided by :meth:`Principal.may_read` over the topic names of
 :mod:`dispatchd.core.topics`.
 """
 
@@ -35,6 +36,7 @@ class Role(StrEnum):
     ADMIN = "admin"
     INTEGRATION = "integration"
     DRIVER = "driver"
+    AGENT = "agent"
 
 
 class ApiKey(Base):
@@ -55,7 +57,7 @@ class ApiKey(Base):
 
 
 #: the subject kind each subject-bound role is bound to
-SUBJECT_OF_ROLE = {Role.DRIVER: topics.DRIVER}
+SUBJECT_OF_ROLE = {Role.DRIVER: topics.DRIVER, Role.AGENT: topics.AGENT}
 
 
 def subject_id(subject: str | None, kind: str) -> str | None:
@@ -82,6 +84,15 @@ class Principal:
     @property
     def driver_id(self) -> str | None:
         return subject_id(self.subject, topics.DRIVER)
+
+    @property
+    def agent_id(self) -> str | None:
+        return subject_id(self.subject, topics.AGENT)
+
+    def require_agent(self, agent_id: str) -> None:
+        """Raise :class:`Forbidden` unless staff or the agent ``agent_id`` itself."""
+        if not self.is_staff and self.subject != topics.agent(agent_id):
+            raise Forbidden("an agent key may act only as its own agent")
 
     def may_read(self, topic: str) -> bool:
         """Whether this principal may read events of ``topic`` (or, for staff, of a pattern such as

@@ -19,6 +19,8 @@ it (``dispatchd.`` omitted), and the other codes a class is raised with, and whe
     │     API_KEY_NOT_FOUND             core.auth (API keys)
     │     INBOUND_MESSAGE_NOT_FOUND     notifications.inbox, notifications.inbox_router (messages
     │                                   received by webhook)
+    │     AGENT_NOT_FOUND               dispatcher.orchestrator (agents)
+    │     CONVERSATION_NOT_FOUND        dispatcher.orchestrator (conversations)
     ├── InvalidInput (422 VALIDATION_ERROR; core.errors), also IDEMPOTENCY_KEY_REUSED (core.idempotency,
     │   notifications.router)
     ├── RateLimited (429 RATE_LIMITED, with Retry-After; reservations.router)
@@ -27,6 +29,8 @@ it (``dispatchd.`` omitted), and the other codes a class is raised with, and whe
     ├── WebhookNotConfigured (503 WEBHOOK_NOT_CONFIGURED; notifications.webhook_parsing)
     └── Conflict (409 CONFLICT; core.errors)
         ├── InvalidState (409 INVALID_STATE; core.errors)
+        ├── (Conflict with code AGENT_UNAVAILABLE: a transfer to an agent not ONLINE or full;
+        │    dispatcher.orchestrator)
         ├── ResourceFull (409 RESOURCE_FULL; reservations.common)
         └── ResourceClosed (409 RESOURCE_CLOSED; reservations.common)
 
