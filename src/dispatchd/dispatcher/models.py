@@ -81,6 +81,8 @@ class Conversation(Base):
     agent_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("agents.id"))
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_message_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: the customer's last message: WhatsApp's 24 h window, and the idle close, run from it
+    last_customer_message_at: Mapped[datetime] = mapped_column(UTCDateTime())
     #: the oldest customer message not yet answered by an agent (None once answered)
     awaiting_reply_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
     assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -102,7 +104,7 @@ class Conversation(Base):
             sqlite_where=text("status <> 'CLOSED'"),
         ),
         Index("ix_conversations_status_pending_since", "status", "pending_since"),
-        Index("ix_conversations_status_last_message_at", "status", "last_message_at"),
+        Index("ix_conversations_status_last_customer_message_at", "status", "last_customer_message_at"),
         Index("ix_conversations_status_awaiting_reply_since", "status", "awaiting_reply_since"),
         Index("ix_conversations_agent_id_status", "agent_id", "status"),
     )

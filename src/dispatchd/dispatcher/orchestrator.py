@@ -3,13 +3,17 @@ arrived, an agent connected, an agent disconnected) and the few that follow from
 an agent's reply, a close, a transfer), asks :func:`~dispatchd.dispatcher.assignment.decide`, and
 applies the decision: rows, events and outbox messages in the caller's transaction. It holds no rule.
 
-Lock order: conversation → rotation row (SKIP LOCKED) → agent. A disconnect marks the agent OFFLINE
-first (so no new conversation can reach it), then takes its conversations with SKIP LOCKED; one held
-by a concurrent transaction is handed on by the ``orphaned_conversations`` deadline at the next tick.
+Lock order: conversation → rotation (one lock, :func:`dispatchd.dispatcher.queue.lock`) → agent. A
+connect, a disconnect and a step away take the rotation lock before their agent's row. A disconnect
+marks the agent OFFLINE first (so no new conversation can reach it), then takes its conversations with
+SKIP LOCKED; one held by a concurrent transaction is handed on by the ``orphaned_conversations``
+deadline at the next tick.
 """
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,6 +65,12 @@ def _now(session: AsyncSession) -> datetime:
     return session.info["now"]
 
 
+def message_id() -> str:
+    """``cmg_`` + the creation time in ns + random: messages written in one instant (one transaction
+    timestamp, a coarse clock) keep their order in the thread."""
+    return f"cmg_{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
 def _label(reason: str | None) -> str:
     """A bounded Prometheus label: "transfer by admin:key_…" counts as "transfer"."""
     if reason is None:
@@ -107,7 +117,7 @@ class Orchestrator:
         now = _now(session)
         conversation, opened = await self._open_conversation(session, customer_phone)
         message = ConversationMessage(
-            id=new_id("cmg"),
+            id=message_id(),
             conversation_id=conversation.id,
             direction=Direction.IN.value,
             body=body,
@@ -115,7 +125,7 @@ class Orchestrator:
             created_at=now,
         )
         session.add(message)
-        conversation.last_message_at = now
+        conversation.last_message_at = conversation.last_customer_message_at = now
         if conversation.awaiting_reply_since is None:
             conversation.awaiting_reply_since = now
         topic = topics.conversation(conversation.id)
@@ -129,6 +139,7 @@ class Orchestrator:
             decision = decide(not opened, current, None)
         else:
             if conversation.status == ConversationStatus.ASSIGNED.value and conversation.agent_id:
+                await queue.lock(session)  # lock order: the rotation before any agent row
                 await queue.release(session, conversation.agent_id)  # its agent is gone
                 reason = "agent disconnected"
             decision = decide(not opened, None, await queue.take_next(session))
@@ -156,6 +167,7 @@ class Orchestrator:
             status=ConversationStatus.PENDING.value,
             opened_at=now,
             last_message_at=now,
+            last_customer_message_at=now,
             pending_notice_sent=False,
             reassignments=0,
         )
@@ -287,6 +299,7 @@ class Orchestrator:
         distribution takes other agents' rows, so doing both in one transaction would let two connects
         deadlock."""
         now = _now(session)
+        await queue.lock(session)  # lock order: the rotation before any agent row
         result = await session.execute(
             update(Agent)
             .where(Agent.id == agent_id, Agent.presence != Presence.ONLINE.value)
@@ -308,6 +321,7 @@ class Orchestrator:
 
     async def agent_away(self, session: AsyncSession, agent_id: str) -> Agent:
         """AWAY: keeps its conversations, takes no new one (it leaves the rotation)."""
+        await queue.lock(session)  # lock order: the rotation before any agent row
         agent = await agent_or_404(session, agent_id, lock=True)
         now = _now(session)
         agent.presence = Presence.AWAY.value
@@ -324,6 +338,7 @@ class Orchestrator:
         """Seed 001 §6.3: the agent leaves the rotation; each of its conversations goes to the next
         agent or becomes pending (never both, never neither). Returns how many were handed on."""
         now = _now(session)
+        await queue.lock(session)  # lock order: the rotation before any agent row
         result = await session.execute(
             update(Agent)
             .where(Agent.id == agent_id, Agent.presence != Presence.OFFLINE.value)
@@ -408,7 +423,7 @@ class Orchestrator:
             ],
         )
         message = ConversationMessage(
-            id=new_id("cmg"),
+            id=message_id(),
             conversation_id=conversation_id,
             direction=Direction.OUT.value,
             body=body,

@@ -1,22 +1,33 @@
 """The round-robin rotation over connected agents (seed 001 §4.3): add, remove, next, positions, move
 to end. It knows nothing of conversations or messages.
 
-The next agent is settled by the database, so that two instances never hand out the same slot and
-never put an agent above capacity: the head of the rotation among ONLINE agents with room is read
-``FOR UPDATE SKIP LOCKED`` (PostgreSQL: a concurrent transaction takes the next agent instead of
-waiting), then taken with ``UPDATE agents SET open_conversations = open_conversations + 1 WHERE … <
-capacity AND presence = 'ONLINE'`` (``rowcount`` decides), then moved to the end.
+The rotation is settled by the database, so that two instances never hand out the same slot and never
+put an agent above capacity. Every change of the rotation first takes the rotation lock (a transaction
+advisory lock on PostgreSQL; SQLite serialises writers anyway): takers queue one behind the other, and
+each reads the positions the previous one committed, so the head is never skipped and two agents never
+share a position. The agent is then taken with ``UPDATE agents SET open_conversations =
+open_conversations + 1 WHERE … < capacity AND presence = 'ONLINE'`` (``rowcount`` decides) and moved to
+the end.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.dispatcher.models import Agent, Presence, QueuePosition
 
-#: how many heads a taker tries before it says nobody has room (each loss is a concurrent taker)
+#: how many heads a taker tries before it says nobody has room (a head lost to a concurrent transfer)
 _TRIES = 20
+#: the key of the rotation's advisory lock (PostgreSQL)
+ROTATION_LOCK = 0x6469_7370_0001
+
+
+async def lock(session: AsyncSession) -> None:
+    """Take the rotation lock until the transaction ends (re-entrant; nothing on SQLite). Lock order:
+    after the conversation, before any agent row."""
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ROTATION_LOCK})
 
 
 async def _end(session: AsyncSession) -> int:
@@ -26,6 +37,7 @@ async def _end(session: AsyncSession) -> int:
 
 async def add(session: AsyncSession, agent_id: str) -> None:
     """Put the agent at the end of the rotation (no change when already in it)."""
+    await lock(session)
     present = await session.scalar(select(QueuePosition.agent_id).where(QueuePosition.agent_id == agent_id))
     if present is None:
         session.add(QueuePosition(agent_id=agent_id, position=await _end(session)))
@@ -33,10 +45,12 @@ async def add(session: AsyncSession, agent_id: str) -> None:
 
 
 async def remove(session: AsyncSession, agent_id: str) -> None:
+    await lock(session)
     await session.execute(delete(QueuePosition).where(QueuePosition.agent_id == agent_id))
 
 
 async def move_to_end(session: AsyncSession, agent_id: str) -> None:
+    await lock(session)
     await session.execute(
         update(QueuePosition).where(QueuePosition.agent_id == agent_id).values(position=await _end(session))
     )
@@ -53,6 +67,7 @@ async def positions(session: AsyncSession) -> list[str]:
 async def take_next(session: AsyncSession, *, excluding: str | None = None) -> str | None:
     """The next agent of the rotation that is ONLINE with room, with one more conversation counted and
     moved to the end; None when nobody has room. ``excluding`` skips one agent (a reassignment away)."""
+    await lock(session)
     for _ in range(_TRIES):
         query = (
             select(QueuePosition.agent_id)
@@ -60,7 +75,6 @@ async def take_next(session: AsyncSession, *, excluding: str | None = None) -> s
             .where(Agent.presence == Presence.ONLINE.value, Agent.open_conversations < Agent.capacity)
             .order_by(QueuePosition.position, QueuePosition.agent_id)
             .limit(1)
-            .with_for_update(of=QueuePosition, skip_locked=True)
         )
         if excluding is not None:
             query = query.where(QueuePosition.agent_id != excluding)

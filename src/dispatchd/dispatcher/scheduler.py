@@ -1,8 +1,9 @@
 """The dispatcher's deadlines (seed 001 §4.7): columns of rows, claimed by the sweeper (``SKIP LOCKED``
 on PostgreSQL), never timers. Nothing here assigns: each deadline calls the orchestrator.
 
-* ``check_response_timeout``: a conversation with no message for ``DISPATCHD_CONVERSATION_IDLE_CLOSE_S``
-  (24 h, the end of WhatsApp's customer-service window) closes;
+* ``check_response_timeout``: a conversation whose customer has not written for
+  ``DISPATCHD_CONVERSATION_IDLE_CLOSE_S`` (24 h: WhatsApp's customer-service window runs from the
+  customer's last message) closes;
 * ``pending_distribution``: pending conversations while an agent has room (a close or a capacity
   raise freed it) are distributed within a tick;
 * ``scheduled_distribution``: at each time of ``DISPATCHD_DISPATCH_SCHEDULE`` (cron, in
@@ -81,7 +82,7 @@ class Scheduler:
 
     def idle_due(self, now: datetime) -> ColumnElement[bool]:
         return (Conversation.status != ConversationStatus.CLOSED.value) & (
-            Conversation.last_message_at <= now - timedelta(seconds=self.config.idle_close_s)
+            Conversation.last_customer_message_at <= now - timedelta(seconds=self.config.idle_close_s)
         )
 
     def presence_due(self, now: datetime) -> ColumnElement[bool]:
@@ -123,7 +124,7 @@ class Scheduler:
         """Close the conversations idle for 24 h."""
         async with db.transaction() as session:
             rows = await self._claim(
-                session, Conversation, self.idle_due, Conversation.last_message_at, limit
+                session, Conversation, self.idle_due, Conversation.last_customer_message_at, limit
             )
             for conversation in rows:
                 await self.orchestrator.close(session, conversation, "idle")
@@ -141,6 +142,8 @@ class Scheduler:
     async def hand_on_orphans(self, db: Database, limit: int) -> int:
         async with db.transaction() as session:
             rows = await self._claim(session, Conversation, self.orphan_due, Conversation.assigned_at, limit)
+            if rows:
+                await queue.lock(session)  # lock order: the rotation before any agent row
             for conversation in rows:
                 await queue.release(session, conversation.agent_id)
                 await self.orchestrator.hand_on_one(session, conversation, "agent disconnected")
@@ -298,7 +301,7 @@ class Scheduler:
             Deadline(
                 "conversation_idle_close",
                 self.check_response_timeout,
-                self._oldest(Conversation.last_message_at, self.idle_due, config.idle_close_s),
+                self._oldest(Conversation.last_customer_message_at, self.idle_due, config.idle_close_s),
             ),
             Deadline(
                 "pending_distribution",

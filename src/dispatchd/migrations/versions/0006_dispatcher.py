@@ -52,6 +52,7 @@ def upgrade() -> None:
         sa.Column("agent_id", sa.String(length=40), nullable=True),
         sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_message_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_customer_message_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("awaiting_reply_since", sa.DateTime(timezone=True), nullable=True),
         sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("first_assigned_at", sa.DateTime(timezone=True), nullable=True),
@@ -73,7 +74,11 @@ def upgrade() -> None:
         sqlite_where=sa.text("status <> 'CLOSED'"),
     )
     op.create_index("ix_conversations_status_pending_since", "conversations", ["status", "pending_since"])
-    op.create_index("ix_conversations_status_last_message_at", "conversations", ["status", "last_message_at"])
+    op.create_index(
+        "ix_conversations_status_last_customer_message_at",
+        "conversations",
+        ["status", "last_customer_message_at"],
+    )
     op.create_index(
         "ix_conversations_status_awaiting_reply_since", "conversations", ["status", "awaiting_reply_since"]
     )
@@ -135,7 +140,7 @@ def downgrade() -> None:
     for index in (
         "ix_conversations_agent_id_status",
         "ix_conversations_status_awaiting_reply_since",
-        "ix_conversations_status_last_message_at",
+        "ix_conversations_status_last_customer_message_at",
         "ix_conversations_status_pending_since",
         "uq_conversations_open_customer_phone",
     ):
