@@ -43,166 +43,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
 from sqlalchemy import delete, func, select
 
-from bench.common import fresh_database, machine, postgres_version
+from bench.common import free_port, fresh_database, machine, postgres_version
+from bench.notifications_celery import REDIS_URL, run_celery
+from bench.notifications_outcome import Outcome, celery_pool, load, ratio, row, scenario
+from bench.notifications_procs import PHONE_NUMBER_ID, http_ok, run_folder, shutdown, sigkill, spawn, wait_for
 from dispatchd.core.db import Database
 from dispatchd.core.logging import configure_logging
 from dispatchd.notifications import outbox
 from dispatchd.notifications.models import OPEN_STATUSES, Notification, NotificationStatus
 from dispatchd.notifications.outbox import Message
 
-ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 ADMIN_KEY = "dk_bench_admin_key_0123456789abcdef"
-PHONE_NUMBER_ID = "1234567890"
 LEASE_S = 5  # dispatchd's lease = Celery's visibility timeout (bench/celery_baseline.py)
-
-
-@dataclass
-class Outcome:
-    system: str
-    scenario: str
-    messages: int
-    started: float  # time.time() of the first enqueue
-    ids: list[str]
-    stats: dict = field(default_factory=dict)
-    finished: bool = False
-    in_flight_at_kill: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return self.stats.get("counts", {})
-
-    @property
-    def lost(self) -> int:
-        return sum(1 for nid in self.ids if not self.counts.get(nid))
-
-    @property
-    def lost_detail(self) -> str:
-        """How many calls the fake saw for the lost ids (0: never sent; more: only failed calls)."""
-        attempts = self.stats.get("attempts", {})
-        calls = sorted(attempts.get(nid, 0) for nid in self.ids if not self.counts.get(nid))
-        return f"lost ids got {', '.join(map(str, calls))} call(s)" if calls else ""
-
-    @property
-    def duplicates(self) -> int:
-        return sum(max(0, self.counts.get(nid, 0) - 1) for nid in self.ids)
-
-    @property
-    def end_to_end(self) -> float | None:
-        last = self.stats.get("last_new_at")
-        return None if last is None else last - self.started
-
-    @property
-    def completion_rate(self) -> float | None:
-        first, last = self.stats.get("first_call_at"), self.stats.get("last_new_at")
-        if first is None or last is None or last <= first or self.lost:
-            return None
-        return self.messages / (last - first)
-
-    def delivered_by(self, share: float) -> float | None:
-        """Seconds from the fake's first call until ``share`` of the ids were delivered."""
-        times = sorted(self.stats.get("first_delivery_times", []))
-        needed = max(1, round(share * self.messages))
-        if len(times) < needed or self.stats.get("first_call_at") is None:
-            return None
-        return times[needed - 1] - self.stats["first_call_at"]
-
-    @property
-    def sustained_rate(self) -> float | None:
-        times = sorted(self.stats.get("first_delivery_times", []))
-        low, high = int(0.1 * self.messages), int(0.7 * self.messages) - 1
-        if len(times) <= high or times[high] <= times[low]:
-            return None
-        return (high - low) / (times[high] - times[low])
-
-
-# ---------------------------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_folder(logs: Path, system: str, kill: bool) -> Path:
-    """A folder of its own for one run's logs (and Celery's ready files)."""
-    folder = logs / f"{system}-{'kill' if kill else 'undisturbed'}"
-    folder.mkdir()
-    return folder
-
-
-def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``command`` in its own process group (so a kill reaches its children too)."""
-    with log.open("a") as out:
-        return subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def sigkill(process: subprocess.Popen) -> None:
-    """SIGKILL the process group we started (pgid = the process's pid)."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
-
-
-def shutdown(process: subprocess.Popen, timeout_s: float = 20) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        sigkill(process)
-    except ProcessLookupError:
-        process.wait(timeout=5)
-
-
-def tail(log: Path) -> str:
-    return log.read_text()[-2000:]
-
-
-async def wait_for(check, timeout_s: float, what: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if process.poll() is not None:
-            raise RuntimeError(f"{what}: process exited: {tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not ready after {timeout_s:g} s: {tail(log)}")
-        await asyncio.sleep(0.05)
-
-
-async def http_ok(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient(timeout=1) as http:
-            return (await http.get(url)).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------- dispatchd
@@ -307,155 +169,6 @@ async def run_dispatchd(
         if workers.process is not None:
             shutdown(workers.process)
         await db.dispose()
-
-
-# ------------------------------------------------------------------------------------------------- Celery
-
-
-class CeleryWorker:
-    def __init__(self, fake_url: str, args: argparse.Namespace, logs: Path) -> None:
-        self.args = args
-        self.logs = logs
-        self.fake_url = fake_url
-        self.process: subprocess.Popen | None = None
-        self.started = 0
-
-    async def start(self) -> None:
-        self.started += 1
-        log = self.logs / f"celery-{self.started}.log"
-        ready = self.logs / f"celery-{self.started}.ready"
-        pool = ["-P", "threads"] if self.args.celery_pool == "threads" else ["-P", "prefork"]
-        concurrency = self.args.concurrency if self.args.celery_pool == "threads" else self.args.processes
-        command = [
-            sys.executable, "-m", "celery", "-A", "bench.celery_baseline", "worker", *pool,
-            "--concurrency", str(concurrency), "--loglevel", "WARNING",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--hostname", f"bench{self.started}@%h",
-        ]  # fmt: skip
-        env = {
-            "BENCH_CELERY_BROKER": REDIS_URL,
-            "BENCH_FAKE_WHATSAPP_URL": f"{self.fake_url}/v21.0",
-            "BENCH_WHATSAPP_PHONE_NUMBER_ID": PHONE_NUMBER_ID,
-            "BENCH_CELERY_READY_FILE": str(ready),
-        }
-        self.process = spawn(command, log, env)
-
-        async def is_ready() -> bool:
-            return ready.exists()
-
-        await wait_for(is_ready, 60, "celery worker", self.process, log)
-
-
-async def run_celery(fake: httpx.AsyncClient, args: argparse.Namespace, kill: bool, logs: Path) -> Outcome:
-    import redis
-
-    os.environ["BENCH_CELERY_BROKER"] = REDIS_URL  # read when bench.celery_baseline is imported
-    from bench.celery_baseline import send_notification
-
-    broker = redis.Redis.from_url(REDIS_URL)
-    broker.flushdb()
-    await fake.post("/reset")
-    logs = run_folder(logs, "celery", kill)
-    workers = CeleryWorker(str(fake.base_url).rstrip("/"), args, logs)
-    await workers.start()
-
-    def held() -> tuple[int, int]:
-        """(messages waiting in the queue, messages delivered to a worker and not acknowledged)."""
-        return broker.llen("celery"), broker.hlen("unacked")
-
-    try:
-        ids = [f"ntf_{uuid.uuid4().hex}" for _ in range(args.messages)]
-        started = time.time()
-
-        def enqueue() -> None:
-            for i, nid in enumerate(ids):
-                send_notification.delay(nid, f"+22170{i:07d}", f"Nouvelle course #{i}: 12 000 FCFA")
-
-        enqueued = asyncio.create_task(asyncio.to_thread(enqueue))
-        outcome = Outcome("Celery + Redis", scenario(kill, args), args.messages, started, ids)
-        deadline = time.monotonic() + args.timeout
-        killed = False
-        empty_since: float | None = None
-        while time.monotonic() < deadline:
-            unique = (await fake.get("/stats")).json()["unique"]
-            if kill and not killed and unique >= args.kill_at * args.messages:
-                sigkill(workers.process)
-                killed = True
-                outcome.in_flight_at_kill = held()[1]
-                await workers.start()
-            if enqueued.done() and held() == (0, 0):
-                # Redis holds nothing: done, or (if ids are missing) nothing will ever send them; a message
-                # between BRPOP and the unacked set is invisible for an instant, hence the grace period
-                empty_since = empty_since or time.monotonic()
-                if unique >= args.messages or time.monotonic() - empty_since > 3:
-                    outcome.finished = True
-                    break
-            else:
-                empty_since = None
-            await asyncio.sleep(0.05)
-        await enqueued
-        outcome.stats = (await fake.get("/stats", params={"ids": 1, "times": 1})).json()
-        waiting, unacked = held()
-        if waiting or unacked:
-            outcome.notes.append(f"still held by Redis: {waiting} queued, {unacked} unacked")
-        outcome.notes.append(f"pool {celery_pool(args)}")
-        return outcome
-    finally:
-        if workers.process is not None:
-            shutdown(workers.process)
-        broker.flushdb()
-        broker.close()
-
-
-# -------------------------------------------------------------------------------------------------- report
-
-
-def celery_pool(args: argparse.Namespace) -> str:
-    return f"threads × {args.concurrency}" if args.celery_pool == "threads" else f"prefork × {args.processes}"
-
-
-def load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def scenario(kill: bool, args: argparse.Namespace) -> str:
-    return f"SIGKILL at {args.kill_at:.0%}, restart" if kill else "undisturbed"
-
-
-def fmt_s(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.2f} s"
-
-
-def fmt_rate(rate: float | None) -> str:
-    return "-" if rate is None else f"{rate:,.0f}/s"
-
-
-def row(o: Outcome) -> str:
-    calls = o.stats.get("calls", 0)
-    failed = o.stats.get("failed", 0)
-    lost = f"{o.lost} {'✅' if o.lost == 0 else '❌'}"
-    reached = " / ".join(
-        "-" if (t := o.delivered_by(share)) is None else f"{t:.2f}" for share in (0.8, 0.99, 1.0)
-    )
-    flight = "" if o.in_flight_at_kill is None else f"{o.in_flight_at_kill} in flight at the kill"
-    notes = "; ".join(
-        ([flight] if flight else [])
-        + o.notes
-        + ([o.lost_detail] if o.lost else [])
-        + ([] if o.finished else ["NOT FINISHED: --timeout reached"])
-    )
-    return (
-        f"| {o.system} | {o.scenario} | {o.messages:,} | {fmt_s(o.end_to_end)} | "
-        f"{fmt_rate(o.completion_rate)} | {fmt_rate(o.sustained_rate)} | {reached} | "
-        f"{calls:,} / {failed:,} | {lost} | {o.duplicates} | {notes} |"
-    )
-
-
-def ratio(ours: float | None, theirs: float | None) -> str:
-    if not ours or not theirs:
-        return "-"
-    value = ours / theirs
-    return f"{value:.2f}× {'✅' if value >= 2 else '❌'}"
 
 
 async def main() -> None:
