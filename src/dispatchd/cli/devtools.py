@@ -1,4 +1,5 @@
-"""Development and load tools: ``dispatchd fake-whatsapp`` and ``dispatchd replay``."""
+"""Development and load tools: ``dispatchd fake-whatsapp``, ``dispatchd replay`` and
+``dispatchd replay-conversations``."""
 
 from __future__ import annotations
 
@@ -133,4 +134,81 @@ def replay(
     summary = asyncio.run(run_replay(options, console))
     summary.render(console)
     if not summary.ok:  # aborted, a double assignment / double booking, or a customer/admin message unsent
+        raise typer.Exit(1)
+
+
+def replay_conversations(
+    trips: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Trips CSV or CSV.gz (pickup_at,lat,lon); default: the shipped NYC 2014-04-30 slice"
+        ),
+    ] = None,
+    url: Annotated[str, typer.Option(help="Base URL of a running dispatchd")] = "http://127.0.0.1:8000",
+    webhook_secret: Annotated[
+        str,
+        typer.Option(
+            envvar="DISPATCHD_WHATSAPP_APP_SECRET",
+            help="The server's WhatsApp app secret, to sign the customers' messages",
+        ),
+    ] = "",
+    admin_key: Annotated[
+        str, typer.Option(envvar="DISPATCHD_API_KEY", help="Admin key: creates the agents and their keys")
+    ] = "",
+    start: Annotated[
+        datetime | None,
+        typer.Option("--from", "--start", help="First pickup time to replay (trace local time)"),
+    ] = None,
+    end: Annotated[
+        datetime | None, typer.Option("--to", "--end", help="Replay pickups before this time")
+    ] = None,
+    speed: Annotated[float, typer.Option(min=0.01, help="Trace seconds per real second")] = 60.0,
+    agents: Annotated[int, typer.Option(min=1, help="Simulated agents")] = 10,
+    capacity: Annotated[int, typer.Option(min=1, max=1000, help="Open conversations per agent")] = 10,
+    agent_reply_delay_s: Annotated[
+        tuple[float, float],
+        typer.Option(help="An agent answers after MIN to MAX trace seconds (log-uniform)"),
+    ] = (10.0, 180.0),
+    presence_changes: Annotated[
+        bool, typer.Option(help="Agents take breaks (OFFLINE) and come back (ONLINE) during the replay")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Random seed of the simulation")] = 7,
+    drain_timeout: Annotated[
+        float, typer.Option(min=0, help="Real seconds to wait at the end for every customer to be answered")
+    ] = 300.0,
+) -> None:
+    """Replay real pickups as customers writing on WhatsApp (signed webhooks), answered by simulated agents.
+
+    Each pickup is a customer's first message, followed by 1 to 4 follow-ups. Agents go ONLINE and
+    OFFLINE over the API and answer their conversations after realistic delays. Prints time to assign and
+    to first reply (p50/p95/p99), the pending peak, assignments per agent (max − min), lost messages and
+    double-assigned conversations (both must be 0). Exits 1 when one of the "must" fails.
+
+    The server needs DISPATCHD_WHATSAPP_APP_SECRET (the same value as --webhook-secret).
+    """
+    from dispatchd.replay.conversations import ConversationReplayOptions, run_conversation_replay
+    from dispatchd.replay.trace import SHIPPED_TRIPS
+
+    try:
+        options = ConversationReplayOptions(
+            url=url.rstrip("/"),
+            webhook_secret=webhook_secret,
+            admin_key=admin_key,
+            trips_path=trips or SHIPPED_TRIPS,
+            start=start,
+            end=end,
+            speed=speed,
+            agents=agents,
+            capacity=capacity,
+            reply_delay_s=agent_reply_delay_s,
+            presence_changes=presence_changes,
+            seed=seed,
+            drain_timeout_s=drain_timeout,
+        )
+    except ValueError as exc:
+        errors.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    summary = asyncio.run(run_conversation_replay(options, console))
+    summary.render(console)
+    if not summary.ok:  # aborted, a message lost or refused, a conversation with two agents
         raise typer.Exit(1)
