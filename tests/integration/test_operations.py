@@ -35,7 +35,13 @@ async def test_component_health_follows_the_seed(client, services, clock):
     await services.sweeper.run_once()
     healthy = (await client.get("/v1/health")).json()
     assert healthy["overall"] == "HEALTHY"
-    assert set(healthy["components"]) == {"database", "notifications", "sweeper", "matching"}
+    assert set(healthy["components"]) == {"database", "notifications", "sweeper", "matching", "dispatcher"}
+    assert healthy["components"]["dispatcher"] == {
+        "status": "HEALTHY",
+        "agents_online": 0,
+        "pending_conversations": 0,
+        "oldest_pending_s": None,
+    }
 
     booking = await create_booking(services)
     await services.matching.start_matching(booking.id)
