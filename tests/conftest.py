@@ -197,7 +197,7 @@ async def services(settings: Settings, clock: ManualClock) -> AsyncIterator[Serv
     async with built.db.transaction() as session:
         await auth.ensure_admin_key(session, ADMIN_KEY)
     yield built
-    await built.db.dispose()
+    await built.aclose()
 
 
 _phones = itertools.count(1)

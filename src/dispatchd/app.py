@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from dispatchd import __version__, operations
 from dispatchd.assembly import Services, build_services
@@ -23,6 +25,9 @@ from dispatchd.core.logging import get_logger
 __all__ = ["Services", "build_services", "create_app"]
 
 log = get_logger("dispatchd.app")
+
+#: browser assets served at ``/static/`` (``dispatchd-stream.js``)
+STATIC = Path(__file__).parent / "static"
 
 DESCRIPTION = """
 Self-hosted dispatch engine for businesses that run on WhatsApp.
@@ -81,7 +86,7 @@ def create_app(
             stop.set()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-            await services.db.dispose()
+            await services.aclose()
             log.info("dispatchd stopped")
 
     tags = [tag for domain in services.domains for tag in domain.openapi_tags]
@@ -100,4 +105,5 @@ def create_app(
         for router in domain.routers:
             app.include_router(router)
     app.include_router(operations.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

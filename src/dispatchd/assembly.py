@@ -20,6 +20,7 @@ from dispatchd.deps import PrincipalCache
 from dispatchd.dispatcher import wiring as dispatcher
 from dispatchd.matching import wiring as matching
 from dispatchd.notifications import wiring as notifications
+from dispatchd.realtime import wiring as realtime
 from dispatchd.reservations import wiring as reservations
 
 #: ``inbound_messages.handler`` holds the name of the handler that took a message
@@ -30,6 +31,7 @@ DOMAINS = (
     matching.build,
     reservations.build,
     dispatcher.build,  # after matching: it takes every inbound message matching does not
+    realtime.build,  # last: agents' streams carry their presence to the dispatcher
 )
 
 
@@ -45,6 +47,13 @@ class Services:
 
     def __post_init__(self) -> None:
         self.principals = PrincipalCache(self.settings.auth_cache_s)
+
+    async def aclose(self) -> None:
+        """Release what the domains hold (streams, listeners), then the database's connections."""
+        for domain in reversed(self.domains):
+            if domain.close is not None:
+                await domain.close()
+        await self.db.dispose()
 
     def domain(self, name: str) -> Domain:
         """The domain called ``name``; raises :class:`KeyError` when none is assembled."""
@@ -84,6 +93,10 @@ class Services:
         return self.domain("dispatcher").service
 
     @property
+    def realtime(self):
+        return self.domain("realtime").service
+
+    @property
     def inbox(self):
         return self.domain("notifications").extras["inbox"]
 
@@ -93,7 +106,10 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
     db = Database(settings.database_url, clock=clock)
     sweeper = Sweeper(db, interval_s=settings.sweep_interval_s, batch_size=settings.sweep_batch_size)
     context = Context(settings, db, sweeper)
-    domains = [build(context) for build in DOMAINS]
+    domains = []
+    for build in DOMAINS:
+        domains.append(build(context))
+        context.services[domains[-1].name] = domains[-1].service
     for domain in domains:
         for deadline in domain.deadlines:
             sweeper.register(deadline)

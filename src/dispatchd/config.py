@@ -153,6 +153,45 @@ class Settings(BaseSettings):
         description="Sent once per conversation to a customer whose message no agent can take yet",
     )
 
+    stream_ping_s: float = Field(
+        default=15.0, gt=0, le=300, description="Seconds between comment pings on an idle SSE stream"
+    )
+    stream_retry_ms: int = Field(
+        default=2000, ge=100, le=600_000, description="The SSE retry: hint, ms a client waits to reconnect"
+    )
+    stream_queue_max: int = Field(
+        default=1000,
+        ge=10,
+        le=1_000_000,
+        description="Events buffered for one slow stream before it is closed (it resumes with Last-Event-ID)",
+    )
+    stream_max_per_key: int = Field(
+        default=100, ge=1, le=1_000_000, description="Open streams (SSE, WebSocket) per API key, per process"
+    )
+    stream_token_ttl_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Seconds a stream token may be used to connect"
+    )
+    stream_token_secret: str | None = Field(
+        default=None,
+        min_length=32,
+        description="Signs stream tokens; by default a random secret kept in the database, shared by "
+        "every instance",
+    )
+    stream_fallback_read_s: float = Field(
+        default=1.0, gt=0, le=60, description="The hub reads the event log at least this often"
+    )
+    stream_redis_url: str | None = Field(
+        default=None,
+        description="redis://host:6379/0 to wake other instances' hubs by Redis pub/sub as well as "
+        "PostgreSQL LISTEN/NOTIFY",
+    )
+    agent_disconnect_grace_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="An agent whose last WebSocket closed is disconnected after this long unless it "
+        "reconnects",
+    )
+
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index, String, or_, select, text
+from sqlalchemy import JSON, Index, String, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -29,6 +29,8 @@ from dispatchd.core.topics import is_pattern
 from dispatchd.core.types import BigIntPK, UTCDateTime
 
 EVENT_LOG_LOCK = 0x6469737061746368  # "dispatch"
+#: PostgreSQL ``NOTIFY`` channel told at each commit that wrote events (the realtime hubs listen)
+NOTIFY_CHANNEL = "dispatchd_events"
 _PENDING = "pending_events"
 
 
@@ -79,17 +81,26 @@ async def flush(session: AsyncSession) -> int:
         return 0
     if session.bind.dialect.name == "postgresql":
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENT_LOG_LOCK})
+        # Delivered at commit, once per transaction, to every instance's hub (not on rollback).
+        await session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
     await session.execute(Event.__table__.insert(), pending)
     session.info["events_written"] = len(pending)
     return len(pending)
 
 
 async def read(
-    session: AsyncSession, *, after_id: int = 0, topics: list[str] | None = None, limit: int = 100
+    session: AsyncSession,
+    *,
+    after_id: int = 0,
+    topics: list[str] | None = None,
+    limit: int = 100,
+    up_to: int | None = None,
 ) -> list[EventRecord]:
-    """Events with ``id > after_id`` (optionally only these topics, or patterns such as ``booking:*``:
-    see :mod:`dispatchd.core.topics`), oldest first, at most ``limit``."""
+    """Events with ``id > after_id`` (and ``id <= up_to`` when given; optionally only these topics, or
+    patterns such as ``booking:*``: see :mod:`dispatchd.core.topics`), oldest first, at most ``limit``."""
     query = select(Event).where(Event.id > after_id).order_by(Event.id).limit(limit)
+    if up_to is not None:
+        query = query.where(Event.id <= up_to)
     if topics:
         exact = [name for name in topics if not is_pattern(name)]
         conditions = [Event.topic.in_(exact)] if exact else []
@@ -104,3 +115,8 @@ async def read(
             query = query.where(or_(*conditions))
     rows = (await session.scalars(query)).all()
     return [EventRecord(row.id, row.topic, row.type, row.data, row.created_at) for row in rows]
+
+
+async def last_id(session: AsyncSession) -> int:
+    """The highest event id written so far (0 for an empty log)."""
+    return await session.scalar(select(func.coalesce(func.max(Event.id), 0))) or 0

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 
 from dispatchd.core import auth, events
+from dispatchd.core import topics as topics_module
 from dispatchd.core.auth import Principal, Role
 from dispatchd.core.db import Database
-from dispatchd.core.errors import NotFound
+from dispatchd.core.errors import InvalidInput, NotFound
+from dispatchd.core.events import Event
 from dispatchd.core.schemas import StrictModel
 from dispatchd.deps import database, principal
 
@@ -52,6 +56,54 @@ async def list_events(
         events=[EventOut(**e.as_dict()) for e in page],
         next_after=page[-1].id if page else after,
     )
+
+
+class EventIn(StrictModel):
+    topic: str = Field(
+        max_length=200, description="A topic, `kind:id` (no pattern)", examples=["shift:dakar-nord"]
+    )
+    type: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.]*$", examples=["ShiftOpened"]
+    )
+    data: dict = Field(default_factory=dict, description="JSON object, at most 16 KB once encoded")
+
+
+class EventsIn(StrictModel):
+    events: list[EventIn] = Field(min_length=1, max_length=1000)
+
+
+class PublishedOut(BaseModel):
+    ids: list[int] = Field(description="The ids the events were given, in the order sent")
+
+
+@router.post(
+    "/events",
+    response_model=PublishedOut,
+    status_code=201,
+    tags=["events"],
+    summary="Publish your own events to the log and its streams",
+)
+async def publish_events(
+    body: EventsIn, who: Principal = Depends(principal), db: Database = Depends(database)
+):
+    """Staff only (admin, integration): append up to 1,000 events in one transaction, pushed to every
+    stream of their topics like dispatchd's own (Centrifugo calls this the server publish API). Raises
+    403 FORBIDDEN for another role, 422 VALIDATION_ERROR for a pattern, a malformed topic or data over
+    16 KB."""
+    who.require_staff()
+    for event in body.events:
+        if not topics_module.is_valid(event.topic):
+            raise InvalidInput(f"{event.topic!r} is not a topic (kind:id, no pattern)")
+        if len(json.dumps(event.data)) > 16_384:
+            raise InvalidInput("an event's data must be at most 16 KB once encoded")
+    async with db.transaction() as session:
+        for event in body.events:
+            events.append(session, event.topic, event.type, event.data)
+        await events.flush(session)
+        # The event log's lock (PostgreSQL) or the single writer (SQLite) is held: the newest are ours.
+        ids = await session.scalars(select(Event.id).order_by(Event.id.desc()).limit(len(body.events)))
+        published = sorted(ids.all())
+    return PublishedOut(ids=published)
 
 
 class ApiKeyIn(StrictModel):

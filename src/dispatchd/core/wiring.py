@@ -1,6 +1,6 @@
 """What a domain package gives the application to assemble, and what it is given to build it.
 
-Each domain package (``notifications``, ``matching``, ``reservations``, next ``dispatcher``) has a
+Each domain package (``notifications``, ``matching``, ``reservations``, ``dispatcher``, ``realtime``) has a
 ``wiring.build(context) -> Domain``. The assembly (:mod:`dispatchd.assembly`) calls them in order,
 registers their deadlines on the one sweeper, their inbound handlers on the one inbox, their
 coalescers on the one delivery worker, mounts their routers and runs their background tasks;
@@ -39,6 +39,8 @@ class Context:
     inbound_handlers: list[InboundHandler] = field(default_factory=list)
     #: notification category → function merging a paced recipient's open rows into one message
     coalescers: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    #: domain name → its service, filled as each domain is built (a later domain may use an earlier's)
+    services: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,3 +68,5 @@ class Domain:
     on_commit: Sequence[Callable[[dict], None]] = ()
     #: anything else its routers need (rate limiter, caches…)
     extras: Mapping[str, Any] = field(default_factory=dict)
+    #: releases what it holds (open streams, listener connections) when the process stops
+    close: Callable[[], Awaitable[None]] | None = None

@@ -145,7 +145,10 @@ class PendingMessage(Base):
     conversation_message_id: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index("ix_pending_messages_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_pending_messages_created_at", "created_at"),
+        Index("ix_pending_messages_conversation_id", "conversation_id"),
+    )
 
 
 class ScheduledRun(Base):

@@ -144,6 +144,14 @@ class Orchestrator:
                 reason = "agent disconnected"
             decision = decide(not opened, None, await queue.take_next(session))
         await self._apply(session, conversation, decision, message_ids=[message.id], reason=reason)
+        if conversation.status == ConversationStatus.ASSIGNED.value and conversation.agent_id:
+            # An agent's key reads its own topic only: its conversations' messages are copied there.
+            events.append(
+                session,
+                topics.agent(conversation.agent_id),
+                "MessageReceived",
+                {"conversation_id": conversation.id, "message_id": message.id, "body": body},
+            )
         return conversation
 
     async def _open_conversation(
@@ -221,6 +229,13 @@ class Orchestrator:
                 conversation.reassignments += 1
                 data |= {"previous_agent_id": previous, "reason": reason}
                 events.append(session, topic, "ConversationReassigned", data)
+                if previous is not None and previous != decision.agent_id:
+                    events.append(
+                        session,
+                        topics.agent(previous),
+                        "ConversationUnassigned",
+                        {"conversation_id": conversation.id, "reason": reason},
+                    )
                 metrics.CONVERSATIONS_REASSIGNED.labels(_label(reason)).inc()
             else:
                 events.append(session, topic, "ConversationAssigned", data)
@@ -249,6 +264,12 @@ class Orchestrator:
                     topic,
                     "ConversationReassigned",
                     {"previous_agent_id": previous, "agent_id": None, "reason": reason},
+                )
+                events.append(
+                    session,
+                    topics.agent(previous),
+                    "ConversationUnassigned",
+                    {"conversation_id": conversation.id, "reason": reason},
                 )
                 metrics.CONVERSATIONS_REASSIGNED.labels(_label(reason)).inc()
             events.append(session, topic, "ConversationPending", {"reason": reason})
@@ -461,6 +482,13 @@ class Orchestrator:
             "ConversationClosed",
             {"reason": reason, "agent_id": conversation.agent_id},
         )
+        if conversation.agent_id:
+            events.append(
+                session,
+                topics.agent(conversation.agent_id),
+                "ConversationClosed",
+                {"conversation_id": conversation.id, "reason": reason},
+            )
         metrics.CONVERSATIONS_CLOSED.labels(reason).inc()
 
     async def transfer(

@@ -8,10 +8,10 @@ Errors: :class:`~dispatchd.core.errors.NotFound` (``AGENT_NOT_FOUND``, ``CONVERS
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from dispatchd.core import events, topics
@@ -31,9 +31,10 @@ from dispatchd.dispatcher.orchestrator import Orchestrator, agent_or_404, conver
 
 
 class DispatcherService:
-    def __init__(self, db: Database, orchestrator: Orchestrator) -> None:
+    def __init__(self, db: Database, orchestrator: Orchestrator, *, presence_timeout_s: float = 90.0) -> None:
         self.db = db
         self.orchestrator = orchestrator
+        self.presence_timeout_s = presence_timeout_s
 
     # ----------------------------------------------------------------------------------- agents
 
@@ -96,6 +97,54 @@ class DispatcherService:
     async def heartbeat(self, agent_id: str) -> Agent:
         async with self.db.transaction() as session:
             return await self.orchestrator.heartbeat(session, agent_id)
+
+    # Presence carried by the realtime connection (issue 9): ONLINE while a stream is open.
+
+    @retry_transient
+    async def stream_opened(self, agent_id: str) -> Agent:
+        """The agent opened a stream: an OFFLINE agent connects (and pending conversations are
+        distributed), an ONLINE or AWAY one is only heartbeated. Raises :class:`NotFound`."""
+        async with self.db.transaction() as session:
+            agent = await agent_or_404(session, agent_id)
+            connecting = agent.presence == Presence.OFFLINE.value
+            if connecting:
+                await self.orchestrator.agent_connected(session, agent_id)
+            else:
+                agent.last_heartbeat_at = session.info["now"]
+        if connecting:
+            await self.distribute()
+        async with self.db.read() as session:
+            return await agent_or_404(session, agent_id)
+
+    @retry_transient
+    async def streams_alive(self, agent_ids: list[str]) -> int:
+        """Heartbeat every agent of ``agent_ids`` not OFFLINE (their streams are open); returns how many."""
+        if not agent_ids:
+            return 0
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                update(Agent)
+                .where(Agent.id.in_(agent_ids), Agent.presence != Presence.OFFLINE.value)
+                .values(last_heartbeat_at=session.info["now"])
+            )
+            return result.rowcount
+
+    @retry_transient
+    async def stream_lost(self, agent_id: str, grace_s: float) -> None:
+        """The agent's last stream closed: unless it reconnects (or heartbeats) within ``grace_s``
+        seconds it is disconnected by the ``agent_presence`` deadline and its conversations move on.
+        Its heartbeat is back-dated so that this deadline falls ``grace_s`` from now."""
+        async with self.db.transaction() as session:
+            lapse_at = session.info["now"] - timedelta(seconds=max(0.0, self.presence_timeout_s - grace_s))
+            await session.execute(
+                update(Agent)
+                .where(
+                    Agent.id == agent_id,
+                    Agent.presence != Presence.OFFLINE.value,
+                    Agent.last_heartbeat_at > lapse_at,
+                )
+                .values(last_heartbeat_at=lapse_at)
+            )
 
     async def queue_view(self) -> list[tuple[Agent, int | None]]:
         """Every agent with its place in the rotation (1 = next; None when not in it), rotation first."""

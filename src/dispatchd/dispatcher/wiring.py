@@ -39,7 +39,7 @@ def build(context: Context) -> Domain:
             admin_phones=tuple(settings.admin_phones),
         ),
     )
-    service = DispatcherService(db, orchestrator)
+    service = DispatcherService(db, orchestrator, presence_timeout_s=settings.agent_presence_timeout_s)
 
     async def refresh_metrics() -> None:
         async with db.read() as session:
