@@ -114,7 +114,9 @@ async def test_a_client_that_drops_mid_stream_resumes_with_every_event_once_in_o
 
     received: list[dict] = []
     writing = asyncio.create_task(writer())
-    async with aconnect_sse(http, "GET", "/v1/stream", params={"topic": "test:*", "after": first_id}) as source:
+    async with aconnect_sse(
+        http, "GET", "/v1/stream", params={"topic": "test:*", "after": first_id}
+    ) as source:
         async for sse in source.aiter_sse():
             if not sse.data:
                 continue
@@ -243,7 +245,9 @@ async def test_streams_per_key_are_capped(http, services):
     created = await key_for(http, "integration")
     as_key = {"Authorization": f"Bearer {created['key']}"}
     open_streams = [asyncio.create_task(read_sse(http, {"topic": "test:cap"}, until=10**9, headers=as_key))]
-    open_streams.append(asyncio.create_task(read_sse(http, {"topic": "test:cap"}, until=10**9, headers=as_key)))
+    open_streams.append(
+        asyncio.create_task(read_sse(http, {"topic": "test:cap"}, until=10**9, headers=as_key))
+    )
     await asyncio.sleep(0.3)
     third = await http.get("/v1/stream", params={"topic": "test:cap"}, headers=as_key)
     assert (third.status_code, third.json()["code"]) == (429, "TOO_MANY_STREAMS")
@@ -332,7 +336,9 @@ async def test_a_driver_answers_an_offer_over_websocket_and_the_first_accept_win
         ).json()["token"]
         sockets.append(await ws_connect(server, token))
     for socket in sockets:
-        await socket.send(json.dumps({"op": "respond", "booking_id": booking.id, "type": "ACCEPT", "ref": "a"}))
+        await socket.send(
+            json.dumps({"op": "respond", "booking_id": booking.id, "type": "ACCEPT", "ref": "a"})
+        )
     answers = [json.loads(await socket.recv()) for socket in sockets]
     assert sorted(answer["action"] for answer in answers) == ["ALREADY_TAKEN", "ASSIGNED"]
     await sockets[0].send(json.dumps({"op": "subscribe", "topics": ["booking:*"]}))
@@ -404,3 +410,39 @@ def _admin():
 async def _agent(services: Services, agent_id: str) -> Agent:
     async with services.db.read() as session:
         return await session.get(Agent, agent_id)
+
+
+async def test_admins_follow_alerts_and_delivery_changes_on_their_topics(http, services):
+    from dispatchd.notifications import outbox
+    from dispatchd.notifications.delivery import DeliveryWorker
+    from dispatchd.notifications.outbox import Message
+    from dispatchd.notifications.policy import ADMIN_ALERT
+    from tests.integration.test_outbox_delivery import FlakyChannel
+
+    start = (await publish(http, "test:mark", 1))[0]
+    async with services.db.transaction() as session:
+        await outbox.enqueue(
+            session,
+            [Message(recipient=phone, category=ADMIN_ALERT, body="🚨 no driver") for phone in ("+1", "+2")]
+            + [Message(recipient="+221700000001", category="x", body="hello")],
+        )
+    await DeliveryWorker(services.db, FlakyChannel(failures=3, permanent=True)).run_once()
+    logged = (await http.get("/v1/events", params={"after": start})).json()["events"]
+    got = await read_sse(http, {"topic": ["alerts", "notifications"], "after": start}, until=logged[-1]["id"])
+    assert [(event["topic"], event["type"]) for event in got] == [
+        ("alerts", "AlertRaised"),
+        ("notifications", "NotificationFailedPermanently"),
+        ("notifications", "NotificationFailedPermanently"),
+        ("notifications", "NotificationFailedPermanently"),
+    ]
+    assert len(got[0]["data"]["notification_ids"]) == 2  # one alert, however many admins are told
+
+
+async def test_only_staff_read_the_alerts_and_notifications_topics(http, services):
+    driver = await services.matching.create_driver(driver_data())
+    key = (await key_for(http, "driver", f"driver:{driver.id}"))["key"]
+    for topic in ("alerts", "notifications"):
+        refused = await http.get(
+            "/v1/stream", params={"topic": topic}, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert refused.status_code == 403

@@ -1,10 +1,11 @@
 """Topic names of the event log, built in one place, and who may read them.
 
-A topic is ``<kind>:<id>``: ``booking:bkg_…``, ``driver:drv_…``, ``resource:res_…``, next
-``conversation:…`` and ``agent:…``. A subject-bound key (role ``driver``, next ``agent``) carries its
-subject as a topic name (``driver:drv_…``) and may read exactly that topic. Staff read everything and
-may ask for patterns: ``booking:*`` (every booking topic), ``*`` (everything). Used by
-``GET /v1/events`` (and next by the realtime stream) through :meth:`Principal.may_read`.
+A topic is ``<kind>:<id>``: ``booking:bkg_…``, ``driver:drv_…``, ``resource:res_…``,
+``conversation:cnv_…`` and ``agent:agt_…``; or one of the staff-only topics ``alerts`` (admin alerts)
+and ``notifications`` (the outbox's delivery changes). A subject-bound key (role ``driver`` or
+``agent``) carries its subject as a topic name (``driver:drv_…``) and may read exactly that topic.
+Staff read everything and may ask for patterns: ``booking:*`` (every booking topic), ``*``
+(everything). Used by ``GET /v1/events`` and the realtime streams through :meth:`Principal.may_read`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ DRIVER = "driver"
 RESOURCE = "resource"
 CONVERSATION = "conversation"
 AGENT = "agent"
+
+#: staff-only topics without an id: admin alerts as they are raised, and the outbox's delivery changes
+ALERTS = "alerts"
+NOTIFICATIONS = "notifications"
+SINGLETONS = (ALERTS, NOTIFICATIONS)
 
 #: kinds a key can be bound to (``api_keys.subject``), with the role that binds it
 SUBJECT_KINDS = (DRIVER, AGENT)
@@ -69,7 +75,7 @@ def is_valid(name: str, *, pattern: bool = False) -> bool:
     """A topic name, or with ``pattern`` also a pattern (``*``, ``kind:*``, ``kind:prefix*``)."""
     if len(name) > TOPIC_MAX:
         return False
-    return bool(_TOPIC.match(name) or (pattern and _PATTERN.match(name)))
+    return bool(name in SINGLETONS or _TOPIC.match(name) or (pattern and _PATTERN.match(name)))
 
 
 def matches(pattern: str, name: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from dispatchd.core import metrics
+from dispatchd.core import events, metrics, topics
 from dispatchd.core.db import Database
 from dispatchd.core.errors import InvalidState
 from dispatchd.core.rows import get_or_404
@@ -64,6 +64,7 @@ async def retry_one(db: Database, notification_id: str) -> Notification:
         row.attempts = 0
         row.next_attempt_at = session.info["now"]
         row.cancel_reason = None  # an operator's choice overrides "moot"
+        events.append(session, topics.NOTIFICATIONS, "NotificationRetried", {"id": row.id})
         return row
 
 
@@ -81,6 +82,13 @@ async def replay(db: Database, since: datetime, *, permanent_only: bool = False)
             .where(Notification.status.in_(statuses), Notification.failed_at >= since)
             .values(status=NotificationStatus.PENDING.value, attempts=0, next_attempt_at=session.info["now"])
         )
+        if result.rowcount:
+            events.append(
+                session,
+                topics.NOTIFICATIONS,
+                "NotificationsReplayed",
+                {"count": result.rowcount, "since": since.isoformat(), "permanent_only": permanent_only},
+            )
         return result.rowcount
 
 

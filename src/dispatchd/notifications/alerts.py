@@ -34,12 +34,10 @@ from dispatchd.notifications.breaker import CircuitBreaker, CircuitState
 from dispatchd.notifications.channels.base import OutboundMessage
 from dispatchd.notifications.models import OPEN_STATUSES, AlertState, Notification, NotificationStatus
 from dispatchd.notifications.outbox import Combined, Message
-from dispatchd.notifications.policy import Priority
+from dispatchd.notifications.policy import ADMIN_ALERT, Priority
 
 log = get_logger("dispatchd.notifications.alerts")
 
-#: the category of every message to admins (matching's timeout alerts use it too)
-ADMIN_ALERT = "admin_alert"
 
 FAILED = (NotificationStatus.FAILED.value, NotificationStatus.FAILED_PERMANENT.value)
 

@@ -46,7 +46,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 from sqlalchemy import ColumnElement, case, literal, null, true, update
 
-from dispatchd.core import metrics
+from dispatchd.core import events, metrics, topics
 from dispatchd.core.db import Database, retry_transient
 from dispatchd.core.logging import get_logger
 from dispatchd.notifications import claim, pacing, policy
@@ -248,11 +248,19 @@ class DeliveryWorker:
         from its acceptance); the phones whose message was not sent get theirs back at once."""
         async with self.db.transaction() as session:
             for member, values in changes:
-                await session.execute(
+                written = await session.execute(
                     current_lease(update(Notification), member).values(**_unless_cancelled(values))
                 )
+                event_type = _DELIVERY_EVENTS.get(values["status"])
+                if (
+                    written.rowcount and event_type and "attempts" not in values
+                ):  # not paced, not channel down
+                    events.append(session, topics.NOTIFICATIONS, event_type, _failure(member, values))
             if sent:
                 await session.execute(RECORD_SENT, sent)
+                events.append(
+                    session, topics.NOTIFICATIONS, "NotificationsSent", {"ids": [row["b_id"] for row in sent]}
+                )
             if self.recipient_interval_s:
                 await pacing.set_next_slots(
                     session, called, now + timedelta(seconds=self.recipient_interval_s)
@@ -353,3 +361,24 @@ class DeliveryWorker:
             _, pending = await asyncio.wait(waiters, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
+
+
+#: the ``notifications`` topic's event for each state a failed send leaves a row in (a sent batch is one
+#: ``NotificationsSent`` event; messages made moot are not announced, their cause is)
+_DELIVERY_EVENTS = {
+    NotificationStatus.FAILED.value: "NotificationFailed",
+    NotificationStatus.FAILED_PERMANENT.value: "NotificationFailedPermanently",
+    NotificationStatus.EXPIRED.value: "NotificationExpired",
+}
+
+
+def _failure(member: Member, values: dict[str, Any]) -> dict[str, Any]:
+    next_attempt_at = values.get("next_attempt_at")
+    return {
+        "id": member.id,
+        "status": values["status"],
+        "attempts": member.attempts,
+        "error_code": values.get("error_code"),
+        "error_kind": values.get("error_kind"),
+        "next_attempt_at": next_attempt_at.isoformat() if next_attempt_at else None,
+    }

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dispatchd.core import metrics
+from dispatchd.core import events, metrics, topics
 from dispatchd.core.db import Database
 from dispatchd.notifications import pacing
 from dispatchd.notifications.models import Notification, NotificationStatus
@@ -66,6 +66,7 @@ class OutboxExpiry:
                     .execution_options(synchronize_session=False)
                 )
                 metrics.NOTIFICATIONS.labels("outbox", "expired", "").inc(len(ids))
+                events.append(session, topics.NOTIFICATIONS, "NotificationsExpired", {"ids": ids})
             # A message made moot while in flight that is open again: its sender died mid-flight (lease
             # over), or a late provider status put it back in the queue. No claim takes it: end it.
             abandoned = await session.execute(

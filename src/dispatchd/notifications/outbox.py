@@ -18,11 +18,12 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dispatchd.core import events, topics
 from dispatchd.core.db import lock_for_update
 from dispatchd.core.ids import new_id
 from dispatchd.notifications.channels.base import OutboundMessage
 from dispatchd.notifications.models import Notification, NotificationStatus
-from dispatchd.notifications.policy import priority_for
+from dispatchd.notifications.policy import ADMIN_ALERT, priority_for
 
 #: Not yet handed to a provider: what a cancellation can still take back (SENDING is in flight).
 UNSENT_STATUSES = (NotificationStatus.PENDING.value, NotificationStatus.FAILED.value)
@@ -92,6 +93,12 @@ async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
     ]
     await session.execute(Notification.__table__.insert(), rows)
     session.info["notifications_written"] = session.info.get("notifications_written", 0) + len(rows)
+    raised: dict[str, list[str]] = {}
+    for row in rows:
+        if row["category"] == ADMIN_ALERT:
+            raised.setdefault(row["body"], []).append(row["id"])
+    for text, ids in raised.items():  # one event per alert, whatever the number of admins told
+        events.append(session, topics.ALERTS, "AlertRaised", {"text": text, "notification_ids": ids})
     return [row["id"] for row in rows]
 
 

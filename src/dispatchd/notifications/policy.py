@@ -32,8 +32,12 @@ class Priority(IntEnum):
     NOTICE = 3  # "course prise" and the like: useful, never urgent
 
 
+#: the category of every message to admins (matching's and the dispatcher's alerts use it too); each
+#: such message is also an ``AlertRaised`` event on the ``alerts`` topic (:func:`outbox.enqueue`)
+ADMIN_ALERT = "admin_alert"
+
 CATEGORY_PRIORITIES = {
-    "admin_alert": Priority.ALERT,
+    ADMIN_ALERT: Priority.ALERT,
     "driver_offer": Priority.OFFER,
     "offer_taken": Priority.NOTICE,
     "offer_cancelled": Priority.NOTICE,

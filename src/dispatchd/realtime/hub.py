@@ -70,6 +70,8 @@ class Published:
     _sse: bytes | None = None
     _json: str | None = None
     _created_ts: float | None = None
+    #: read from the log for a resuming stream, not pushed live (its latency is not the hub's)
+    replayed: bool = False
 
     @property
     def id(self) -> int:
@@ -187,7 +189,7 @@ class Subscription:
                     )
                 for record in page:
                     self.cursor = record.id
-                    yield Published(record)
+                    yield Published(record, replayed=True)
                 if len(page) < PAGE:
                     break
             self.cursor = max(self.cursor, head)

@@ -143,7 +143,8 @@ async def _frames(rt: Realtime, subscription: Subscription, start: int | None):
             async for event in subscription.events(start):
                 yield event.sse()
                 pushed.inc()
-                latency.observe(max(0.0, time.time() - event.created_ts))
+                if not event.replayed:
+                    latency.observe(max(0.0, time.time() - event.created_ts))
         except StreamClosed as closed:
             close = {"code": closed.code, "reason": closed.reason}
             yield ServerSentEvent(event="close", data=json.dumps(close), sep="\n")

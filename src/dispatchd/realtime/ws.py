@@ -118,7 +118,8 @@ class _Connection:
                 self.recent_set.add(event.id)
                 await self.send(event.payload())
                 self.pushed.inc()
-                self.latency.observe(max(0.0, time.time() - event.created_ts))
+                if not event.replayed:
+                    self.latency.observe(max(0.0, time.time() - event.created_ts))
         except StreamClosed as closed:
             self.closing = closed
             with contextlib.suppress(Exception):
