@@ -99,6 +99,7 @@ async def test_a_killed_agent_client_goes_offline_after_the_grace_and_its_conver
         "DISPATCHD_LOG_JSON": "true",
     }
     processes: list[subprocess.Popen] = []
+    client = None
     try:
         server, url = await serve(tmp_path, "server", env)
         processes.append(server)
@@ -115,13 +116,15 @@ async def test_a_killed_agent_client_goes_offline_after_the_grace_and_its_conver
                     "/v1/stream-tokens", json={}, headers={"Authorization": f"Bearer {key['key']}"}
                 )
             ).json()["token"]
-            client = subprocess.Popen(
-                [sys.executable, "-c", CLIENT, url.replace("http://", "ws://") + "/v1/ws", token],
-                stdout=subprocess.PIPE,
-                text=True,
+            client = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                CLIENT,
+                url.replace("http://", "ws://") + "/v1/ws",
+                token,
+                stdout=asyncio.subprocess.PIPE,
             )
-            processes.append(client)
-            assert json.loads(client.stdout.readline())["op"] == "welcome"
+            assert json.loads(await client.stdout.readline())["op"] == "welcome"
             assert await _presence(services, agents[0]) == Presence.ONLINE.value
             phone = new_phone()
             answer = await http.post(
@@ -133,7 +136,7 @@ async def test_a_killed_agent_client_goes_offline_after_the_grace_and_its_conver
             assert answer.status_code == 200
 
             client.send_signal(signal.SIGKILL)  # no close frame: the server sees the socket drop
-            client.wait(timeout=10)
+            await asyncio.wait_for(client.wait(), 10)
             killed_at = time.monotonic()
 
             async def moved() -> bool:
@@ -143,6 +146,9 @@ async def test_a_killed_agent_client_goes_offline_after_the_grace_and_its_conver
             assert await _presence(services, agents[0]) == Presence.OFFLINE.value
             assert time.monotonic() - killed_at >= 0.8  # not before the grace period
     finally:
+        if client is not None and client.returncode is None:
+            client.kill()
+            await client.wait()
         for process in processes:
             stop(process)
         await services.aclose()
