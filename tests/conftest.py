@@ -39,6 +39,7 @@ REQUIRE_SERVICES = os.environ.get("DISPATCHD_REQUIRE_SERVICES") == "1"
 POSTGRES_URL = os.environ.get(
     "DISPATCHD_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
+REDIS_URL = os.environ.get("DISPATCHD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 #: What marks a module that maps a table: a declarative class, or a ``Table("name", metadata, …)``.
 _MAPS_A_TABLE = re.compile(r"__tablename__|\bTable\(\s*[\"']")
@@ -125,6 +126,18 @@ def postgres_url() -> AsyncIterator[str]:
         pytest.fail(f"tables missing from Base.metadata, so never emptied between tests: {sorted(unmapped)}")
     yield url
     run_blocking(_drop_postgres_database, url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A reachable Redis (``DISPATCHD_TEST_REDIS_URL``), or a skip with the reason (a failure in CI)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        _unavailable(f"Redis not reachable at {REDIS_URL}: {type(exc).__name__}: {exc}"[:300])
+    return REDIS_URL
 
 
 @pytest.fixture(scope="session")

@@ -446,3 +446,67 @@ async def test_only_staff_read_the_alerts_and_notifications_topics(http, service
             "/v1/stream", params={"topic": topic}, headers={"Authorization": f"Bearer {key}"}
         )
         assert refused.status_code == 403
+
+
+async def test_redis_pub_sub_wakes_another_instances_hub(db_url, redis_url, clock):
+    """Two instances on one database with DISPATCHD_STREAM_REDIS_URL: a commit on one wakes the other's
+    hub at once, although its fallback read is 5 s away (on SQLite, Redis is the only wake-up)."""
+    from dispatchd.assembly import build_services
+
+    settings = make_settings(db_url, stream_redis_url=redis_url, stream_fallback_read_s=5)
+    writer, reader = build_services(settings, clock), build_services(settings, clock)
+    try:
+        hub = reader.realtime.hub
+        subscription = hub.subscription(_admin(), ["test:redis"], "ws")
+        stream = subscription.events(None)
+        first = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.3)  # subscribed, Redis subscription open, first fallback read done
+        loop = asyncio.get_running_loop()
+        for number in range(3):
+            started = loop.time()
+            async with writer.db.transaction() as session:
+                events.append(session, "test:redis", "Tick", {"n": number})
+            event = await asyncio.wait_for(first if number == 0 else anext(stream), 2)
+            assert event.record.data == {"n": number}
+            assert loop.time() - started < 1.0
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+
+
+async def test_a_technician_follows_their_resources_reservations_through_a_token_minted_by_the_back_end(
+    http, services
+):
+    """Seed 002's technician (intervenant): the business's back-end (an integration key) mints a token
+    bound to the technician's resource; their browser streams its reservations and waiting list live."""
+    from tests.factories import post_resource
+
+    resource_id = await post_resource(http, capacity=1)
+    other_id = await post_resource(http, capacity=1)
+    backend = {"Authorization": f"Bearer {(await key_for(http, 'integration'))['key']}"}
+    token = await http.post(
+        "/v1/stream-tokens", json={"topics": [f"resource:{resource_id}"]}, headers=backend
+    )
+    start = (await publish(http, "test:mark", 1))[0]
+    for target in (other_id, resource_id):
+        reserved = await http.post(
+            "/v1/reservations", json={"resource_id": target, "client_id": "c1", "quantity": 1}
+        )
+        assert reserved.status_code == 201, reserved.text
+    reservation_id = reserved.json()["id"]
+    joined = await http.post(
+        "/v1/waiting-list/join", json={"resource_id": resource_id, "client_id": "c2", "quantity": 1}
+    )
+    assert joined.status_code == 201, joined.text
+    assert (await http.post(f"/v1/reservations/{reservation_id}/cancel")).status_code == 200
+    logged = (
+        await http.get("/v1/events", params={"after": start, "topic": f"resource:{resource_id}"})
+    ).json()
+    async with httpx.AsyncClient(base_url=http.base_url) as browser:
+        got = await read_sse(
+            browser, {"token": token.json()["token"], "after": start}, until=logged["events"][-1]["id"]
+        )
+    types = [event["type"] for event in got]
+    assert types[:3] == ["ReservationConfirmed", "WaitingListJoined", "ReservationCancelled"]
+    assert "WaitingListOffered" in types
+    assert {event["topic"] for event in got} == {f"resource:{resource_id}"}

@@ -126,11 +126,14 @@ class RedisWakeups:
                     await self._pubsub.subscribe(REDIS_CHANNEL)
 
     async def close(self) -> None:
+        """Idempotent."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
         with contextlib.suppress(Exception):
             if self._pubsub is not None:
                 await self._pubsub.aclose()
+                self._pubsub = None
             await self._client.aclose()

@@ -24,6 +24,7 @@ def build(context: Context) -> Domain:
         revocation_check_s=settings.auth_cache_s,
     )
     on_commit = [hub.on_commit]
+    redis = None
     if db.is_postgres:
         hub.add_wakeup_source(lambda wake: PostgresListener.start(settings.database_url, wake))
     if settings.stream_redis_url:
@@ -44,6 +45,11 @@ def build(context: Context) -> Domain:
         ping_s=settings.stream_ping_s,
         retry_ms=settings.stream_retry_ms,
     )
+
+    async def close() -> None:
+        await hub.stop()
+        if redis is not None:
+            await redis.close()  # its publishing side, used even where no stream was opened
 
     async def run_hub(stop: asyncio.Event) -> None:
         await hub.start()  # else it starts with the first stream
@@ -66,6 +72,6 @@ def build(context: Context) -> Domain:
         background={"realtime_hub": run_hub, "agent_stream_presence": presence.run},
         on_commit=tuple(on_commit),
         extras={"hub": hub, "presence": presence},
-        close=hub.stop,
+        close=close,
     )
     return domain
