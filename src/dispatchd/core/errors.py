@@ -4,7 +4,8 @@ Every exception class of the project, with its HTTP status, its ``code`` and the
 it (``dispatchd.`` omitted), and the other codes a class is raised with, and where::
 
     DispatchdError (500 INTERNAL_ERROR; core.errors)
-    ├── Unauthorized (401 UNAUTHORIZED; core.errors)
+    ├── Unauthorized (401 UNAUTHORIZED; core.errors), also STREAM_TOKEN_INVALID, STREAM_TOKEN_EXPIRED
+    │   (realtime.tokens) and KEY_REVOKED (realtime.service: a stream token whose key was revoked)
     ├── Forbidden (403 FORBIDDEN; core.errors)
     ├── NotFound (404 NOT_FOUND; core.errors), raised with the code of what is missing, by id through
     │   core.rows.get_or_404 unless said otherwise:
@@ -24,6 +25,7 @@ it (``dispatchd.`` omitted), and the other codes a class is raised with, and whe
     ├── InvalidInput (422 VALIDATION_ERROR; core.errors), also IDEMPOTENCY_KEY_REUSED (core.idempotency,
     │   notifications.router)
     ├── RateLimited (429 RATE_LIMITED, with Retry-After; reservations.router)
+    ├── TooManyStreams (429 TOO_MANY_STREAMS, with Retry-After; realtime.service)
     ├── MalformedJson (400 MALFORMED_JSON; notifications.webhook_parsing)
     ├── InvalidWebhookPayload (400 VALIDATION_ERROR; notifications.webhook_parsing)
     ├── WebhookNotConfigured (503 WEBHOOK_NOT_CONFIGURED; notifications.webhook_parsing)
