@@ -510,3 +510,39 @@ async def test_a_technician_follows_their_resources_reservations_through_a_token
     assert types[:3] == ["ReservationConfirmed", "WaitingListJoined", "ReservationCancelled"]
     assert "WaitingListOffered" in types
     assert {event["topic"] for event in got} == {f"resource:{resource_id}"}
+
+
+async def test_every_tab_of_one_user_receives_every_event(http, server, services):
+    agent = await services.dispatcher.create_agent({"name": "Awa", "phone": new_phone()})
+    key = (await key_for(http, "agent", f"agent:{agent.id}"))["key"]
+    as_agent = {"Authorization": f"Bearer {key}"}
+    start = (await publish(http, "test:mark", 1))[0]
+    seen: list[list[int]] = [[], [], []]
+
+    async def tab(into: list[int]) -> None:
+        async with aconnect_sse(
+            http, "GET", "/v1/stream", params={"after": start}, headers=as_agent
+        ) as source:
+            async for sse in source.aiter_sse():
+                if sse.data:
+                    into.append(json.loads(sse.data)["id"])
+
+    tabs = [asyncio.create_task(tab(into)) for into in seen]
+    token = (await http.post("/v1/stream-tokens", json={}, headers=as_agent)).json()["token"]
+    async with await ws_connect(server, token) as socket:
+        await socket.send(json.dumps({"op": "subscribe", "topics": [], "after": start}))
+        assert json.loads(await socket.recv())["op"] == "subscribed"
+        await asyncio.sleep(0.2)
+        assert services.realtime.hub.open_streams(services.principals.get(key).key_id) == 4
+        ids = await publish(http, f"agent:{agent.id}", 2)
+        on_socket = []
+        while len(on_socket) < 2 or on_socket[-1] != ids[-1]:
+            on_socket.append(json.loads(await socket.recv())["id"])
+    for _ in range(50):
+        if all(into and into[-1] == ids[-1] for into in seen):
+            break
+        await asyncio.sleep(0.02)
+    for task in tabs:
+        task.cancel()
+    assert on_socket[-2:] == ids  # after the agent's own AgentConnected
+    assert all(into == on_socket for into in seen), (seen, on_socket)
