@@ -9,8 +9,10 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any
 
+from dispatchd.client import StreamError, StreamEvent, StreamRefused, stream
 from dispatchd.core.geo import haversine_km
 from dispatchd.replay.base import FINAL_STATUSES, _Answer, _Driver, _ReplayBase
 from dispatchd.replay.trace import response_latency_trace_s, trip_duration_trace_s
@@ -24,10 +26,19 @@ from dispatchd.replay.whatsapp import (
     webhook_reply_payload,
 )
 
-_EVENTS_PAGE = 500
-_EVENTS_IDLE_S = 0.2
 _WHATSAPP_POLL_S = 0.2
 _WHATSAPP_PAGE = 500
+
+
+def _as_dict(event: StreamEvent) -> dict[str, Any]:
+    """An event as ``GET /v1/events`` answers it, which :meth:`_Fleets._on_event` reads."""
+    return {
+        "id": event.id,
+        "topic": event.topic,
+        "type": event.type,
+        "data": event.data,
+        "created_at": event.created_at.isoformat(),
+    }
 
 
 class _Fleets(_ReplayBase):
@@ -36,32 +47,72 @@ class _Fleets(_ReplayBase):
     # -- event log ----------------------------------------------------------------------------------------
 
     async def _poll_events(self) -> None:
-        after = 0
+        """Follow the event log live over ``GET /v1/stream`` (every topic: the replay's staff key), from
+        its head at the start (the events before it are other runs'); ``events_caught_up`` is set once
+        the stream is open, which is then the present. The client resumes lost connections with
+        ``Last-Event-ID``, so every event reaches :meth:`_on_event` once, in id order."""
+        head = await self._event_log_head()
+        while head is None and not self.stopping.is_set():
+            await asyncio.sleep(1.0)
+            head = await self._event_log_head()
+        position = head
         while not self.stopping.is_set():
+            try:
+                events = stream(
+                    self.options.url,
+                    self.options.api_key,
+                    after=position,
+                    client=self.events_client,
+                    on_open=self.events_caught_up.set,
+                )
+                async with aclosing(events):
+                    async for event in events:
+                        position = event.id
+                        try:
+                            self._on_event(_as_dict(event))
+                        except (KeyError, TypeError, ValueError) as exc:
+                            self._record_error("malformed event", "GET /v1/stream", f"{event!r}: {exc}")
+            except StreamRefused as exc:
+                self._record_error(
+                    f"stream refused {exc.status or ''} {exc.code}", "GET /v1/stream", str(exc)
+                )
+                self.events_caught_up.set()  # nothing will come: let the run go on, the error counted
+                return
+            except StreamError as exc:  # a malformed frame: start again after it was seen
+                self._record_error("stream error", "GET /v1/stream", str(exc))
+                await asyncio.sleep(1.0)
+
+    async def _event_log_head(self) -> int | None:
+        """The newest event's id (0 for an empty log), or None if the log cannot be read.
+
+        ``GET /v1/events?after=n&limit=1`` answers an event if and only if n < head: the bound is doubled
+        until it answers none, then bisected (about 2·log₂(head) calls, however long the log).
+        """
+
+        async def beyond(after: int) -> bool | None:
             answer = await self._call(
-                "GET",
-                "/v1/events",
-                params={"after": after, "limit": _EVENTS_PAGE},
-                retries=2,
-                client=self.events_client,
+                "GET", "/v1/events", params={"after": after, "limit": 1}, retries=2, client=self.events_client
             )
             if not answer.ok or not isinstance(answer.body, dict):
-                await asyncio.sleep(1.0)
-                continue
-            events = answer.body.get("events") or []
-            last_id = after
-            for event in events:
-                try:
-                    self._on_event(event)
-                    last_id = max(last_id, int(event["id"]))
-                except (KeyError, TypeError, ValueError) as exc:
-                    self._record_error("malformed event", "GET /v1/events", f"{event!r}: {exc}")
-            next_after = answer.body.get("next_after")
-            after = max(after, int(next_after) if isinstance(next_after, int) else last_id)
-            if len(events) < _EVENTS_PAGE:
-                self.events_caught_up.set()
-                if not events:
-                    await asyncio.sleep(_EVENTS_IDLE_S)
+                return None
+            return bool(answer.body.get("events"))
+
+        low, high = 0, 1  # head >= low; head < high once ``beyond(high)`` is false
+        while True:
+            more = await beyond(high - 1)
+            if more is None:
+                return None
+            if not more:
+                break
+            low, high = high, high * 2
+        # head in [low, high - 1]: the largest n with beyond(n - 1) true
+        while high - low > 1:
+            middle = (low + high) // 2
+            more = await beyond(middle - 1)
+            if more is None:
+                return None
+            low, high = (middle, high) if more else (low, middle)
+        return low
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
