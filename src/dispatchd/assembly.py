@@ -22,6 +22,7 @@ from dispatchd.matching import wiring as matching
 from dispatchd.notifications import wiring as notifications
 from dispatchd.realtime import wiring as realtime
 from dispatchd.reservations import wiring as reservations
+from dispatchd.web import wiring as console
 
 #: ``inbound_messages.handler`` holds the name of the handler that took a message
 HANDLER_NAME_MAX = 40
@@ -31,7 +32,8 @@ DOMAINS = (
     matching.build,
     reservations.build,
     dispatcher.build,  # after matching: it takes every inbound message matching does not
-    realtime.build,  # last: agents' streams carry their presence to the dispatcher
+    realtime.build,  # after the dispatcher: agents' streams carry their presence to it
+    console.build,  # the operator console reads every domain
 )
 
 

@@ -185,6 +185,9 @@ class Settings(BaseSettings):
         description="redis://host:6379/0 to wake other instances' hubs by Redis pub/sub as well as "
         "PostgreSQL LISTEN/NOTIFY",
     )
+    console_session_ttl_s: float = Field(
+        default=43_200.0, gt=0, le=2_592_000, description="A console session lasts this long after sign-in (s)"
+    )
     agent_disconnect_grace_s: float = Field(
         default=20.0,
         gt=0,

@@ -222,6 +222,7 @@ class Hub:
         self._task: asyncio.Task | None = None
         self._started: asyncio.Future | None = None
         self._wakeup_sources: list[Callable[[Callable[[], None]], Any]] = []
+        self._closers: list[Any] = []
         self._stopping = False
 
     # ---------------------------------------------------------------------------------- life
@@ -240,7 +241,6 @@ class Hub:
         try:
             async with self.db.read() as session:
                 self.position = await events.last_id(session)
-            self._closers = []
             for source in self._wakeup_sources:
                 try:
                     self._closers.append(await source(self.wake))
@@ -263,7 +263,7 @@ class Hub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        for closer in getattr(self, "_closers", []):
+        for closer in self._closers:
             with contextlib.suppress(Exception):
                 await closer.close()
 
