@@ -80,9 +80,12 @@ async def flush(session: AsyncSession) -> int:
     if not pending:
         return 0
     if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENT_LOG_LOCK})
-        # Delivered at commit, once per transaction, to every instance's hub (not on rollback).
-        await session.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+        # One round trip: the lock, and a NOTIFY delivered at commit (once per transaction, never on
+        # rollback) to every instance's realtime hub.
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:key), pg_notify(:channel, '')"),
+            {"key": EVENT_LOG_LOCK, "channel": NOTIFY_CHANNEL},
+        )
     await session.execute(Event.__table__.insert(), pending)
     session.info["events_written"] = len(pending)
     return len(pending)
