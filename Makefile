@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration test-e2e lint bench install clean
+.PHONY: run test test-unit test-integration test-e2e lint bench install clean i18n
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_reservations
 	$(BIN)/python -m bench.bench_notifications
 	$(BIN)/python -m bench.bench_outbox_peak
+
+# The console's messages: extract the English msgids from src/dispatchd/web (babel.cfg), merge them into
+# each language's .po (new languages are created), then compile the .mo files the app reads.
+I18N_DIR := src/dispatchd/web/locales
+I18N_LOCALES := fr en
+
+i18n: $(STAMP)
+	$(BIN)/pybabel extract -F babel.cfg -o $(I18N_DIR)/messages.pot -c TRANSLATORS: --add-location=file \
+		--sort-output -w 110 --project=dispatchd --copyright-holder="dispatchd contributors" src/dispatchd/web
+	for l in $(I18N_LOCALES); do $(BIN)/pybabel update -i $(I18N_DIR)/messages.pot -d $(I18N_DIR) -l $$l \
+		--init-missing --ignore-obsolete --ignore-pot-creation-date -w 110 || exit 1; done
+	$(BIN)/pybabel compile -d $(I18N_DIR) --statistics
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -18,7 +18,8 @@
       pending.delete(region);
       var query = region.getAttribute("data-query");
       var url = region.getAttribute("data-src") + (query ? "?" + query : "");
-      htmx.ajax("GET", url, { target: region, swap: "innerHTML" }).then(function () {
+      // the region is the source too: each region has its own request queue in htmx
+      htmx.ajax("GET", url, { source: region, target: region, swap: "innerHTML" }).then(function () {
         region.setAttribute("data-event-id", String(event.id));
         region.setAttribute("data-refreshed-at", String(Date.now()));
         tick();
