@@ -30,8 +30,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_KEY, booking_data, driver_data, new_phone
+from tests.conftest import ADMIN_KEY, _unavailable, booking_data, driver_data, new_phone
 from tests.e2e.console_helpers import (
+    CHROMIUM,
     ROOT,
     agent_key,
     console_server,
@@ -70,6 +71,8 @@ def _failure_reports(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture
 async def browser():
+    if not Path(CHROMIUM).exists():
+        _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set DISPATCHD_TEST_CHROMIUM)")
     async with playwright_api.async_playwright() as playwright:
         chromium = await launch(playwright)
         try:
