@@ -69,10 +69,14 @@ def _failure_reports(request: pytest.FixtureRequest) -> None:
     register_reports(request.config)
 
 
-@pytest.fixture
-async def browser():
+def _require_chromium() -> None:
     if not Path(CHROMIUM).exists():
         _unavailable(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set DISPATCHD_TEST_CHROMIUM)")
+
+
+@pytest.fixture
+async def browser():
+    _require_chromium()
     async with playwright_api.async_playwright() as playwright:
         chromium = await launch(playwright)
         try:
