@@ -19,8 +19,9 @@ from dispatchd.assembly import Services, build_services
 from dispatchd.config import Settings, load_settings
 from dispatchd.core import router as core_router
 from dispatchd.core.clock import Clock
-from dispatchd.core.http import RequestContext, install_problem_handlers
+from dispatchd.core.http import BodyLimit, RequestContext, install_problem_handlers
 from dispatchd.core.logging import get_logger
+from dispatchd.core.openapi import document_problems
 
 __all__ = ["Services", "build_services", "create_app"]
 
@@ -98,7 +99,12 @@ def create_app(
         openapi_tags=[*tags, *CORE_TAGS],
     )
     app.state.services = services
-    app.add_middleware(RequestContext)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        limits={"/v1/webhooks/": settings.webhook_max_body_bytes},
+    )
+    app.add_middleware(RequestContext)  # added last: outermost, so a 413 carries the request id too
     install_problem_handlers(app)
     app.include_router(core_router.router)
     for domain in services.domains:
@@ -106,4 +112,5 @@ def create_app(
             app.include_router(router)
     app.include_router(operations.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    document_problems(app)
     return app

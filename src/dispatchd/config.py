@@ -39,6 +39,34 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=1_073_741_824,
+        description="Largest request body in bytes (1 MiB); larger ones get 413 before authentication",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A connection that has not sent a request's headers within this many seconds is closed "
+        "(slowloris, silent sockets)",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, le=3600, description="An idle keep-alive connection is closed after this (s)"
+    )
+    limit_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most this many connections and requests at once; beyond, new requests get 503 "
+        "(unset: no limit, the file-descriptor limit and the header timeout bound them)",
+    )
+    webhook_max_body_bytes: int = Field(
+        default=3_145_728,
+        ge=1024,
+        le=1_073_741_824,
+        description="Largest WhatsApp webhook delivery in bytes (3 MiB; Meta's are a few KB)",
+    )
 
     offer_timeout_s: float = Field(default=30.0, gt=0, description="Life of one driver offer (seed 000 §4)")
     search_timeout_s: float = Field(default=300.0, gt=0, description="Life of a whole search (seed 000 §4)")
@@ -186,7 +214,10 @@ class Settings(BaseSettings):
         "PostgreSQL LISTEN/NOTIFY",
     )
     console_session_ttl_s: float = Field(
-        default=43_200.0, gt=0, le=2_592_000, description="A console session lasts this long after sign-in (s)"
+        default=43_200.0,
+        gt=0,
+        le=2_592_000,
+        description="A console session lasts this long after sign-in (s)",
     )
     agent_disconnect_grace_s: float = Field(
         default=20.0,

@@ -70,6 +70,13 @@ async def prepare_database(db: Database, settings: Settings, *, migrate: bool = 
         await upgrade(db)
     async with db.transaction() as session:
         generated = await auth.ensure_admin_key(session, settings.admin_api_key)
+    if settings.admin_api_key and auth.weaker_than_generated(settings.admin_api_key):
+        log.warning(
+            "DISPATCHD_ADMIN_API_KEY is weaker than a generated key (256 random bits, 43 characters); "
+            "replace it with the output of `python -c \"import secrets; print('dk_' + "
+            'secrets.token_urlsafe(32))"`',
+            length=len(settings.admin_api_key),
+        )
     if generated:
         print(
             "\n  A new admin API key was generated. It is shown only this once; store it now:\n\n"

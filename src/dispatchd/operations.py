@@ -39,7 +39,11 @@ async def readiness(request: Request) -> JSONResponse:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    responses={200: {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {}}}},
+)
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus text format; each domain refreshes its gauges (backlogs, utilisation) first."""
     for domain in request.app.state.services.domains:

@@ -249,9 +249,23 @@ async def test_a_text_message_is_stored_once_and_a_redelivery_is_a_duplicate(hoo
 
     first = await post(hooks, envelope)
     assert first.status_code == 200, first.text
-    assert first.json() == {"received": True, "statuses": 0, "messages": 1, "duplicates": 0, "unmatched": 0}
+    assert first.json() == {
+        "received": True,
+        "rejected": False,
+        "statuses": 0,
+        "messages": 1,
+        "duplicates": 0,
+        "unmatched": 0,
+    }
     again = await post(hooks, envelope)  # Meta re-delivers when it did not see our 200 in time
-    assert again.json() == {"received": True, "statuses": 0, "messages": 1, "duplicates": 1, "unmatched": 0}
+    assert again.json() == {
+        "received": True,
+        "rejected": False,
+        "statuses": 0,
+        "messages": 1,
+        "duplicates": 1,
+        "unmatched": 0,
+    }
 
     [row] = await inbound(services, wamid)
     assert row.id.startswith("inb_")
@@ -308,6 +322,7 @@ async def test_statuses_move_a_notification_forward_and_never_back(hooks, servic
 
     assert await deliver("sent", T0) == {
         "received": True,
+        "rejected": False,
         "statuses": 1,
         "messages": 0,
         "duplicates": 0,

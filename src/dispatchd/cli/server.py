@@ -15,14 +15,21 @@ def serve(
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port [env DISPATCHD_PORT, default 8000]")] = None,
 ) -> None:
-    """Migrate the database, then serve the API with the sweeper and the delivery worker."""
+    """Migrate the database, then serve the API with the sweeper and the delivery worker.
+
+    Connections that send no complete request headers within DISPATCHD_HEADER_TIMEOUT_S are closed, idle
+    keep-alive ones after DISPATCHD_KEEP_ALIVE_TIMEOUT_S; DISPATCHD_LIMIT_CONCURRENCY caps connections.
+    The open-file limit is raised to its hard limit at start (a warning when it stays below 4096)."""
     import uvicorn
 
     from dispatchd.app import create_app
     from dispatchd.core.logging import configure_logging
+    from dispatchd.core.serving import HeaderTimeoutProtocol, raise_file_limit
 
     config = settings(host=host, port=port)
     configure_logging(config.log_level, json=config.log_json)
+    raise_file_limit()
+    HeaderTimeoutProtocol.header_timeout_s = config.header_timeout_s
     uvicorn.run(
         create_app(config),
         host=config.host,
@@ -30,6 +37,9 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        http=HeaderTimeoutProtocol,
+        timeout_keep_alive=config.keep_alive_timeout_s,
+        limit_concurrency=config.limit_concurrency,
     )
 
 

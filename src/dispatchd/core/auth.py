@@ -137,8 +137,21 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+#: Random bytes of a generated key (256 bits, OWASP ASVS V2: at least 128 bits for a secret).
+KEY_BYTES = 32
+
+
 def generate_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    """``dk_`` and 256 random bits in base64url (43 characters)."""
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
+
+
+def weaker_than_generated(key: str) -> bool:
+    """True when ``key`` (without its ``dk_`` prefix) is shorter than a generated key's 43 characters or
+    uses fewer than 16 distinct characters (``aaaa…``, ``0123…`` repeated): a configured admin key should
+    be as hard to guess as a generated one."""
+    body = key.removeprefix(KEY_PREFIX)
+    return len(body) < len(secrets.token_urlsafe(KEY_BYTES)) or len(set(body)) < 16
 
 
 async def create_key(

@@ -91,6 +91,7 @@ def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> AsyncEngine:
     engine = create_async_engine(
         url,
         connect_args={"timeout": 30},
+        hide_parameters=True,  # statement parameters (phones, messages) never reach a log or traceback
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=60,
@@ -133,7 +134,11 @@ class Database:
             self.read_engine = _sqlite_engine(url, begin="BEGIN", pool_size=pool_size)
         else:
             self.engine = create_async_engine(
-                url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+                url,
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_pre_ping=True,
+                hide_parameters=True,  # statement parameters never reach a log or traceback
             )
             self.read_engine = self.engine
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)

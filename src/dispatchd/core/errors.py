@@ -36,8 +36,9 @@ it (``dispatchd.`` omitted), and the other codes a class is raised with, and whe
         ├── ResourceFull (409 RESOURCE_FULL; reservations.common)
         └── ResourceClosed (409 RESOURCE_CLOSED; reservations.common)
 
-Outside the tree, the HTTP layer (core.http) answers 400 MALFORMED_JSON and 422 VALIDATION_ERROR (with
-an ``errors`` list) for bodies FastAPI refuses, 400 MALFORMED_REQUEST for a NUL in the URL, 404 NOT_FOUND
+Outside the tree, the HTTP layer (core.http) answers 413 PAYLOAD_TOO_LARGE before anything reads a body
+over ``DISPATCHD_MAX_BODY_BYTES``, 400 MALFORMED_JSON and 422 VALIDATION_ERROR (with an ``errors`` list)
+for bodies FastAPI refuses, 400 MALFORMED_REQUEST for a NUL in the URL, 404 NOT_FOUND
 / 405 METHOD_NOT_ALLOWED for unknown routes, and 500 INTERNAL_ERROR, never a stack trace, for anything
 else. Every subclass carries a stable ``code``; clients branch on it, never on ``detail``.
 """

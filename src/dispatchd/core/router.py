@@ -112,8 +112,14 @@ class ApiKeyIn(StrictModel):
         json_schema_extra={"examples": [{"role": "driver", "driver_id": "drv_…", "name": "Moussa's phone"}]},
     )
 
-    role: Role
-    driver_id: str | None = Field(default=None, max_length=40, description="Short for subject driver:<id>")
+    role: Role = Field(
+        description="`driver` and `agent` keys are bound to a subject: a `driver` key needs `driver_id` (or "
+        "`subject: driver:<id>`), an `agent` key `subject: agent:<id>`; `admin` and `integration` keys take "
+        "neither (422 VALIDATION_ERROR otherwise; 404 when the subject does not exist)"
+    )
+    driver_id: str | None = Field(
+        default=None, max_length=40, description="Short for subject driver:<id>; only with role `driver`"
+    )
     subject: str | None = Field(
         default=None, max_length=80, description="What a subject-bound key acts as: driver:<id>"
     )
@@ -137,7 +143,12 @@ class ApiKeyCreated(ApiKeyOut):
 
 
 @router.post(
-    "/api-keys", status_code=201, response_model=ApiKeyCreated, tags=["auth"], summary="Create an API key"
+    "/api-keys",
+    status_code=201,
+    response_model=ApiKeyCreated,
+    tags=["auth"],
+    summary="Create an API key",
+    responses={404: {"description": "`<KIND>_NOT_FOUND`: the subject (driver_id) does not exist"}},
 )
 async def create_api_key(
     body: ApiKeyIn, request: Request, who: Principal = Depends(principal), db: Database = Depends(database)

@@ -7,9 +7,9 @@ import re
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
-from dispatchd.core.phone import is_e164
+from dispatchd.core.phone import E164_PATTERN, is_e164
 from dispatchd.core.schemas import StrictModel
 from dispatchd.dispatcher.models import ConversationStatus, Direction, Presence
 
@@ -33,11 +33,18 @@ def _check_email(value: str) -> str:
 
 
 Phone = Annotated[
-    str, Field(max_length=16, description="E.164", examples=["+221771234567"]), AfterValidator(_check_phone)
+    str,
+    Field(
+        max_length=16,
+        description="E.164",
+        examples=["+221771234567"],
+        json_schema_extra={"pattern": E164_PATTERN},
+    ),
+    AfterValidator(_check_phone),
 ]
 Email = Annotated[str, Field(max_length=200, examples=["awa@example.com"]), AfterValidator(_check_email)]
 Body = Annotated[str, Field(min_length=1, max_length=BODY_MAX, description=f"1 to {BODY_MAX} characters")]
-Capacity = Annotated[int, Field(ge=1, le=1000, description="Most open conversations at once")]
+Capacity = Annotated[StrictInt, Field(ge=1, le=1000, description="Most open conversations at once")]
 
 
 # --------------------------------------------------------------------------------------------- agents

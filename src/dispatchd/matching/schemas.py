@@ -5,18 +5,46 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dispatchd.core.phone import is_e164
+from dispatchd.core.phone import E164_PATTERN, is_e164
 from dispatchd.core.schemas import StrictModel, UtcDateTime
 from dispatchd.matching.models import BookingStatus, DriverStatus, PriorityMode
+
+#: documents the E.164 rule in the OpenAPI (``_check_phone`` enforces it with the same expression)
+E164_SCHEMA = {"pattern": E164_PATTERN}
 
 Latitude = Annotated[float, Field(ge=-90, le=90, description="WGS84 degrees")]
 Longitude = Annotated[float, Field(ge=-180, le=180, description="WGS84 degrees")]
 
 
+#: fields that only mean something together: a position is a latitude and a longitude
+POSITION_PAIRS = (("lat", "lon"), ("pickup_lat", "pickup_lon"), ("drop_lat", "drop_lon"))
+
+
 class _Strict(StrictModel):
-    pass
+    """A matching body: a latitude without its longitude (or the reverse) is refused (422), and the
+    OpenAPI says so with ``dependentRequired`` (JSON Schema 2020-12 §6.5.4)."""
+
+    @model_validator(mode="after")
+    def _positions_whole(self):
+        fields = type(self).model_fields
+        for lat, lon in POSITION_PAIRS:
+            if lat in fields and (getattr(self, lat) is None) != (getattr(self, lon) is None):
+                raise ValueError(f"{lat} and {lon} go together: send both or neither")
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        properties = schema.get("properties", {})
+        dependent = {}
+        for lat, lon in POSITION_PAIRS:
+            if lat in properties and lon in properties:
+                dependent |= {lat: [lon], lon: [lat]}
+        if dependent:
+            schema["dependentRequired"] = dependent
+        return schema
 
 
 def _check_phone(value: str) -> str:
@@ -27,7 +55,7 @@ def _check_phone(value: str) -> str:
 
 class DriverCreate(_Strict):
     name: str = Field(min_length=1, max_length=200)
-    phone: str = Field(description="E.164", examples=["+221771234567"])
+    phone: str = Field(description="E.164", examples=["+221771234567"], json_schema_extra=E164_SCHEMA)
     vehicle_type: str = Field(min_length=1, max_length=60, examples=["Berline"])
     vehicle_plate: str = Field(min_length=1, max_length=30, examples=["DK-1234-AB"])
     rating: float = Field(default=5.0, ge=0, le=5)
@@ -61,7 +89,7 @@ class DriverUpdate(_Strict):
     lat: Latitude | None = None
     lon: Longitude | None = None
     name: str | None = Field(default=None, min_length=1, max_length=200)
-    phone: str | None = None
+    phone: str | None = Field(default=None, description="E.164", json_schema_extra=E164_SCHEMA)
     vehicle_type: str | None = Field(default=None, min_length=1, max_length=60)
     vehicle_plate: str | None = Field(default=None, min_length=1, max_length=30)
     rating: float | None = Field(default=None, ge=0, le=5)
@@ -100,7 +128,7 @@ class DriverOut(BaseModel):
 
 class BookingCreate(_Strict):
     customer_name: str = Field(min_length=1, max_length=200)
-    customer_phone: str = Field(description="E.164")
+    customer_phone: str = Field(description="E.164", json_schema_extra=E164_SCHEMA)
     pickup_address: str = Field(min_length=1, max_length=500)
     pickup_lat: Latitude | None = None
     pickup_lon: Longitude | None = None

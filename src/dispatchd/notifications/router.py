@@ -100,12 +100,22 @@ class NotificationIn(StrictModel):
 
 
 @router.post(
-    "/notifications", status_code=201, response_model=NotificationOut, summary="Send a message (outbox)"
+    "/notifications",
+    status_code=201,
+    response_model=NotificationOut,
+    summary="Send a message (outbox)",
+    responses={
+        200: {
+            "model": NotificationOut,
+            "description": "A repeat with the same Idempotency-Key: the first message, Idempotent-Replayed",
+        }
+    },
 )
 async def send_notification(
     body: NotificationIn,
     response: Response,
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+    # stored as "<key id>:<key>" in 200 characters
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=160),
     who: Principal = Depends(principal),
     db: Database = Depends(database),
 ):

@@ -7,6 +7,7 @@ field). A delivery is ``{"object": "whatsapp_business_account", "entry": [{"chan
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -148,6 +149,43 @@ def _parse_message(item: dict[str, Any], where: str) -> Received:
         sent_at=_timestamp(timestamp, f"{where}.timestamp") if timestamp is not None else None,
         raw=item,
     )
+
+
+#: Deepest nesting kept from a delivery (Meta's are about 8 deep); deeper parts are replaced by ``"…"``.
+MAX_DEPTH = 32
+
+
+def clean_text(text: str) -> str:
+    """``text`` as a database stores it: NUL characters dropped, lone surrogates (``\\ud800``, which
+    json.loads lets through) replaced by U+FFFD."""
+    text = text.replace("\x00", "")
+    if not text.isascii():
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def sanitize(value: Any, depth: int = 1) -> Any:
+    """A copy of a decoded delivery that both databases store: every key and string cleaned
+    (:func:`clean_text`), anything nested deeper than :data:`MAX_DEPTH` replaced by ``"…"`` (the
+    recursion is bounded by that depth, however deep the input)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict | list):
+        if depth > MAX_DEPTH:
+            return "…"
+        if isinstance(value, dict):
+            return {clean_text(str(k)): sanitize(v, depth + 1) for k, v in value.items()}
+        return [sanitize(v, depth + 1) for v in value]
+    return value
+
+
+def decode_delivery(body: bytes) -> Any:
+    """The raw body as JSON, sanitized (:func:`sanitize`). Raises :class:`MalformedJson` when it is not
+    UTF-8 JSON or is nested too deeply for the parser (``RecursionError``)."""
+    try:
+        return sanitize(json.loads(body))
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
+        raise MalformedJson("the request body is not valid JSON") from None
 
 
 def parse_delivery(payload: Any) -> tuple[list[StatusUpdate], list[Received]]:

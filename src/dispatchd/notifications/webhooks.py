@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import IntegrityError
 
+from dispatchd.core import events, idempotency, topics
 from dispatchd.core.db import Database, retry_transient
-from dispatchd.core.errors import Forbidden, Unauthorized
+from dispatchd.core.errors import DispatchdError, Forbidden, Unauthorized
+from dispatchd.core.logging import get_logger
 from dispatchd.notifications import inbox
 from dispatchd.notifications.inbox import Received
 from dispatchd.notifications.statuses import apply_statuses
@@ -37,12 +39,15 @@ from dispatchd.notifications.webhook_parsing import (
     MalformedJson,
     StatusUpdate,
     WebhookNotConfigured,
+    clean_text,
+    decode_delivery,
     parse_delivery,
 )
 
 __all__ = ["InvalidWebhookPayload", "MalformedJson", "WebhookNotConfigured", "parse_delivery", "router"]
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+log = get_logger("dispatchd.webhooks")
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 SIGNATURE_PREFIX = "sha256="
@@ -54,6 +59,11 @@ class WebhookAck(BaseModel):
     already stored (re-deliveries)."""
 
     received: bool = True
+    rejected: bool = Field(
+        default=False,
+        description="True when this exact delivery was refused before (400, kept for inspection): "
+        "acknowledged so that Meta stops re-sending it",
+    )
     statuses: int
     messages: int
     duplicates: int
@@ -76,6 +86,27 @@ async def _record(
         statuses=len(statuses), messages=len(messages), duplicates=duplicates, unmatched=unmatched
     )
     return ack, stored
+
+
+async def _keep_rejected(db: Database, body: bytes, error: DispatchdError) -> bool:
+    """Keep a signed delivery that cannot be read, for inspection: a ``WebhookRejected`` event on the
+    staff-only ``notifications`` topic (its SHA-256, size, the error and the first 2 KB, cleaned) and a
+    row in ``idempotent_requests`` keyed by the digest. Returns True the first time (answered 400),
+    False for a re-delivery of the same bytes (answered 200, so Meta stops re-sending it)."""
+    digest = hashlib.sha256(body).hexdigest()
+    scope = f"webhook-rejected:{digest}"
+    excerpt = clean_text(body[:2048].decode("utf-8", "replace"))
+    data = {"sha256": digest, "bytes": len(body), "code": error.code, "detail": error.detail}
+    try:
+        async with db.transaction() as session:
+            if await session.get(idempotency.IdempotentRequest, scope) is not None:
+                return False
+            idempotency.remember(session, scope, digest, error.status, {**data, "excerpt": excerpt})
+            events.append(session, topics.NOTIFICATIONS, "WebhookRejected", {**data, "excerpt": excerpt})
+    except IntegrityError:  # the same delivery, kept concurrently
+        return False
+    log.warning("webhook delivery rejected", code=error.code, detail=error.detail, sha256=digest)
+    return True
 
 
 # ----------------------------------------------------------------------------------------- routes
@@ -139,14 +170,18 @@ async def receive(request: Request) -> WebhookAck:
     after a crash). Raises :class:`WebhookNotConfigured` (503), :class:`Unauthorized`
     (401), :class:`Forbidden` (403), :class:`MalformedJson` or :class:`InvalidWebhookPayload` (400)."""
     app_secret = _secret(request.app.state.services.settings.whatsapp_app_secret, "whatsapp_app_secret")
+    signature = request.headers.get(SIGNATURE_HEADER)
+    if not signature:  # refused before the body is read (it is capped by DISPATCHD_WEBHOOK_MAX_BODY_BYTES)
+        raise Unauthorized(f"missing {SIGNATURE_HEADER}")
     body = await request.body()
-    verify_signature(app_secret, body, request.headers.get(SIGNATURE_HEADER))
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise MalformedJson("the request body is not valid JSON") from None
-    statuses, messages = parse_delivery(payload)
+    verify_signature(app_secret, body, signature)
     services = request.app.state.services
+    try:
+        statuses, messages = parse_delivery(decode_delivery(body))
+    except (MalformedJson, InvalidWebhookPayload) as exc:
+        if await _keep_rejected(services.db, body, exc):
+            raise
+        return WebhookAck(statuses=0, messages=0, duplicates=0, unmatched=0, rejected=True)
     ack, stored = await _record(services.db, statuses, messages, services.settings.whatsapp_templates)
     if stored and services.settings.inbound_route_inline:
         await services.inbox.route(services.db, stored)

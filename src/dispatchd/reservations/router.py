@@ -34,6 +34,10 @@ from dispatchd.reservations.service import REFUSALS, Idempotency, ReservationSer
 
 router = APIRouter(prefix="/v1", tags=["reservations"])
 
+#: the routes behind :func:`buyer` answer 429 RATE_LIMITED past DISPATCHD_RATE_LIMIT (problem+json)
+UNKNOWN_RESOURCE = {404: {"description": "RESOURCE_NOT_FOUND: the resource_id names no resource"}}
+RATE_LIMITED = {429: {"description": "RATE_LIMITED: over DISPATCHD_RATE_LIMIT for this key; see Retry-After"}}
+
 
 class RateLimited(DispatchdError):
     status = 429
@@ -128,7 +132,9 @@ async def create_resource(
     return resource_out(await svc.create_resource(body.model_dump(), _actor(who)))
 
 
-@router.get("/resources/{resource_id}", response_model=ResourceOut, summary="Read a resource")
+@router.get(
+    "/resources/{resource_id}", response_model=ResourceOut, summary="Read a resource", responses=RATE_LIMITED
+)
 async def get_resource(
     resource_id: str, who: Principal = Depends(buyer), svc: ReservationService = Depends(service)
 ):
@@ -162,10 +168,14 @@ async def reopen_resource(
     return resource_out(await svc.reopen(resource_id, _actor(who)))
 
 
-@router.get("/resources/{resource_id}/timeline", summary="The resource's history, from the event log")
+@router.get(
+    "/resources/{resource_id}/timeline",
+    summary="The resource's history, from the event log",
+    responses=RATE_LIMITED,
+)
 async def resource_timeline(
     resource_id: str,
-    after: int = Query(0, ge=0),
+    after: int = Query(0, ge=0, le=2**53, description="Only entries with id > after"),
     limit: int = Query(1000, ge=1, le=10_000),
     who: Principal = Depends(buyer),
     svc: ReservationService = Depends(service),
@@ -174,7 +184,12 @@ async def resource_timeline(
     return {"resource_id": resource_id, "events": [e.as_dict() for e in page]}
 
 
-@router.get("/availability", response_model=Availability, summary="Cached availability view")
+@router.get(
+    "/availability",
+    response_model=Availability,
+    summary="Cached availability view",
+    responses={**RATE_LIMITED, **UNKNOWN_RESOURCE},
+)
 async def availability(
     request: Request,
     response: Response,
@@ -207,7 +222,7 @@ async def availability(
     status_code=201,
     response_model=ReservationOut,
     summary="Reserve places: confirmed atomically, or refused (RESOURCE_FULL, RESOURCE_CLOSED)",
-    responses={409: {"description": "RESOURCE_FULL or RESOURCE_CLOSED (problem+json)"}},
+    responses={**RATE_LIMITED, **UNKNOWN_RESOURCE, 409: {"description": "RESOURCE_FULL or RESOURCE_CLOSED"}},
 )
 async def reserve(
     body: ReservationCreate,
@@ -245,7 +260,14 @@ async def _csv_rows(svc: ReservationService, resource_id: str | None) -> AsyncIt
         yield buffer.getvalue()
 
 
-@router.get("/reservations/export.csv", summary="Every reservation as CSV, streamed")
+@router.get(
+    "/reservations/export.csv",
+    summary="Every reservation as CSV, streamed",
+    responses={
+        **RATE_LIMITED,
+        200: {"description": "CSV, text cells neutralised against formulas", "content": {"text/csv": {}}},
+    },
+)
 async def export_reservations(
     resource_id: str | None = None,
     who: Principal = Depends(buyer),
@@ -258,7 +280,12 @@ async def export_reservations(
     )
 
 
-@router.get("/reservations/{reservation_id}", response_model=ReservationOut, summary="Read a reservation")
+@router.get(
+    "/reservations/{reservation_id}",
+    response_model=ReservationOut,
+    summary="Read a reservation",
+    responses=RATE_LIMITED,
+)
 async def get_reservation(
     reservation_id: str, who: Principal = Depends(buyer), svc: ReservationService = Depends(service)
 ):
@@ -266,7 +293,10 @@ async def get_reservation(
 
 
 @router.post(
-    "/reservations/{reservation_id}/cancel", response_model=ReservationOut, summary="Cancel a reservation"
+    "/reservations/{reservation_id}/cancel",
+    response_model=ReservationOut,
+    summary="Cancel a reservation",
+    responses=RATE_LIMITED,
 )
 async def cancel_reservation(
     reservation_id: str, who: Principal = Depends(buyer), svc: ReservationService = Depends(service)
@@ -279,6 +309,7 @@ async def cancel_reservation(
     status_code=201,
     response_model=WaitingListEntryOut,
     summary="Queue for a sold-out resource",
+    responses={**RATE_LIMITED, **UNKNOWN_RESOURCE},
 )
 async def join_waiting_list(
     body: WaitingListJoin, who: Principal = Depends(buyer), svc: ReservationService = Depends(service)
@@ -287,7 +318,10 @@ async def join_waiting_list(
 
 
 @router.get(
-    "/waiting-list/{entry_id}", response_model=WaitingListEntryOut, summary="Read a waiting-list entry"
+    "/waiting-list/{entry_id}",
+    response_model=WaitingListEntryOut,
+    summary="Read a waiting-list entry",
+    responses=RATE_LIMITED,
 )
 async def get_entry(
     entry_id: str, who: Principal = Depends(buyer), svc: ReservationService = Depends(service)
@@ -300,6 +334,7 @@ async def get_entry(
     status_code=201,
     response_model=ReservationOut,
     summary="Take the place held for this entry, before its hold expires",
+    responses=RATE_LIMITED,
 )
 async def confirm_entry(
     entry_id: str, who: Principal = Depends(buyer), svc: ReservationService = Depends(service)
@@ -308,7 +343,10 @@ async def confirm_entry(
 
 
 @router.delete(
-    "/waiting-list/{entry_id}", response_model=WaitingListEntryOut, summary="Leave the waiting list"
+    "/waiting-list/{entry_id}",
+    response_model=WaitingListEntryOut,
+    summary="Leave the waiting list",
+    responses=RATE_LIMITED,
 )
 async def leave_waiting_list(
     entry_id: str, who: Principal = Depends(buyer), svc: ReservationService = Depends(service)
@@ -322,7 +360,7 @@ async def leave_waiting_list(
 async def audit_log(
     target_id: str | None = None,
     action: str | None = None,
-    after: int = Query(0, ge=0),
+    after: int = Query(0, ge=0, le=2**53, description="Only entries with id > after"),
     limit: int = Query(100, ge=1, le=1000),
     who: Principal = Depends(principal),
     svc: ReservationService = Depends(service),

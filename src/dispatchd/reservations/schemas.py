@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from dispatchd.core.schemas import StrictModel
+from dispatchd.core.schemas import SmallObject, StrictModel
 from dispatchd.reservations.models import EntryStatus, ReservationStatus, ResourceState
 
 ResourceIdField = Field(default=None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.:\-]+$")
@@ -34,14 +34,14 @@ class ResourceCreate(StrictModel):
     id: str | None = ResourceIdField
     type: str = Field(min_length=1, max_length=60)
     name: str = Field(min_length=1, max_length=200)
-    capacity: int = Field(ge=0, le=1_000_000)
-    metadata: dict[str, Any] | None = None
+    capacity: StrictInt = Field(ge=0, le=1_000_000)
+    metadata: SmallObject | None = None
 
 
 class ResourceUpdate(StrictModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"capacity": 50}]})
 
-    capacity: int = Field(ge=0, le=1_000_000)
+    capacity: StrictInt = Field(ge=0, le=1_000_000)
 
 
 class ResourceOut(BaseModel):
@@ -83,7 +83,7 @@ class ReservationCreate(StrictModel):
 
     resource_id: str = Field(min_length=1, max_length=40)
     client_id: str = Field(min_length=1, max_length=200)
-    quantity: int = Field(default=1, ge=1, le=1000)
+    quantity: StrictInt = Field(default=1, ge=1, le=1000)
 
 
 class ReservationOut(BaseModel):
@@ -112,7 +112,7 @@ class WaitingListJoin(StrictModel):
 
     resource_id: str = Field(min_length=1, max_length=40)
     client_id: str = Field(min_length=1, max_length=200)
-    quantity: int = Field(default=1, ge=1, le=1000)
+    quantity: StrictInt = Field(default=1, ge=1, le=1000)
     contact: str | None = Field(
         default=None, max_length=200, description="E.164 phone told when a place frees"
     )

@@ -90,13 +90,17 @@ class ReservationService:
     @retry_transient
     async def create_resource(self, data: dict[str, Any], actor: str) -> Resource:
         """Create an OPEN resource (``data``: type, name, capacity ≥ 0, optional id, metadata). Audited
-        (``resource.create``), and ``ResourceCreated`` on ``resource:<id>``."""
-        async with self.db.transaction() as session:
-            resource = self._new_resource(session, data)
-            session.add(resource)
-            await session.flush()
-            audit(session, actor, "resource.create", resource.id, None, resource_snapshot(resource))
-            events.append(session, topic(resource.id), "ResourceCreated", resource_snapshot(resource))
+        (``resource.create``), and ``ResourceCreated`` on ``resource:<id>``. Raises :class:`Conflict`
+        (409 CONFLICT) when a resource with this id exists."""
+        try:
+            async with self.db.transaction() as session:
+                resource = self._new_resource(session, data)
+                session.add(resource)
+                await session.flush()
+                audit(session, actor, "resource.create", resource.id, None, resource_snapshot(resource))
+                events.append(session, topic(resource.id), "ResourceCreated", resource_snapshot(resource))
+        except IntegrityError:
+            raise Conflict(f"a resource with id {data.get('id')!r} already exists") from None
         return resource
 
     def _new_resource(self, session: AsyncSession, data: dict[str, Any]) -> Resource:

@@ -1,8 +1,10 @@
-"""The ``log`` channel (embedded default): writes each message to the log and reports it sent."""
+"""The ``log`` channel (embedded default): writes each message to the log (recipient masked, as every
+phone number in a log line) and reports it sent."""
 
 from __future__ import annotations
 
 from dispatchd.core.logging import get_logger
+from dispatchd.core.phone import mask_phones
 from dispatchd.notifications.channels.base import OutboundMessage, SendResult
 
 log = get_logger("dispatchd.notifications.log")
@@ -15,7 +17,7 @@ class LogChannel:
         log.info(
             "notification",
             notification_id=message.id,
-            recipient=message.recipient,
+            recipient=mask_phones(message.recipient),
             category=message.category,
             body=message.body,
         )
