@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit test-integration test-e2e lint bench install clean i18n
+.PHONY: run test test-unit test-integration test-e2e lint bench install clean i18n console-docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ i18n: $(STAMP)
 	for l in $(I18N_LOCALES); do $(BIN)/pybabel update -i $(I18N_DIR)/messages.pot -d $(I18N_DIR) -l $$l \
 		--init-missing --ignore-obsolete --ignore-pot-creation-date -w 110 || exit 1; done
 	$(BIN)/pybabel compile -d $(I18N_DIR) --statistics
+
+# Refresh docs/console/*.png and docs/console-budgets.json from the console's browser tests.
+console-docs: $(STAMP)
+	DISPATCHD_CONSOLE_DOCS=1 $(BIN)/python -m pytest -q -s tests/e2e/test_console_browser.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
