@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import itertools
 import os
@@ -273,18 +274,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-async def live_server(settings: Settings, clock: ManualClock) -> AsyncIterator[str]:
-    """A real uvicorn server on a free loopback port (its own services, same database and clock)."""
-    app = create_app(settings, clock=clock, run_migrations=False, background=False)
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, access_log=False)
+@contextlib.asynccontextmanager
+async def serve_app(app, port: int | None = None, *, before_stop=None) -> AsyncIterator[str]:
+    """Run ``app`` on a real uvicorn server on a loopback port (a free one unless given); yield its base
+    URL; stop it on exit (``before_stop``, awaited first, may end open streams; those left are cut
+    after 2 s)."""
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port or free_port(),
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
-    for _ in range(200):
+    for _ in range(250):
         if server.started:
             break
         await asyncio.sleep(0.02)
     assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{config.port}"
-    server.should_exit = True
-    await task
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        if before_stop is not None:
+            await before_stop()
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def live_server(settings: Settings, clock: ManualClock) -> AsyncIterator[str]:
+    """A real uvicorn server on a free loopback port (its own services, same database and clock)."""
+    async with serve_app(create_app(settings, clock=clock, run_migrations=False, background=False)) as url:
+        yield url

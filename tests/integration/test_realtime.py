@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import websockets
 from httpx_sse import aconnect_sse
 from sqlalchemy import select
@@ -25,7 +24,7 @@ from dispatchd.core.events import Event
 from dispatchd.dispatcher.models import Agent, Conversation, Presence
 from dispatchd.realtime import metrics
 from dispatchd.realtime.hub import CloseCode, StreamClosed
-from tests.conftest import admin_headers, booking_data, driver_data, free_port, make_settings, new_phone
+from tests.conftest import admin_headers, booking_data, driver_data, make_settings, new_phone, serve_app
 from tests.integration.test_dispatcher_scenarios import write
 
 pytestmark = pytest.mark.asyncio
@@ -38,20 +37,11 @@ def settings(db_url: str):
 
 @pytest.fixture
 async def server(services: Services, settings, clock) -> AsyncIterator[str]:
-    """A real uvicorn server sharing ``services`` (so the test can drive its sweeper and hub)."""
+    """A real uvicorn server sharing ``services`` (so the test can drive its sweeper and hub): its
+    ``host:port``. The hub is stopped first, which ends open streams so that uvicorn can stop."""
     app = create_app(settings, clock=clock, run_migrations=False, background=False, services=services)
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, access_log=False)
-    uv = uvicorn.Server(config)
-    task = asyncio.create_task(uv.serve())
-    for _ in range(250):
-        if uv.started:
-            break
-        await asyncio.sleep(0.02)
-    assert uv.started
-    yield f"127.0.0.1:{config.port}"
-    await services.realtime.hub.stop()  # ends open streams so that uvicorn can stop
-    uv.should_exit = True
-    await task
+    async with serve_app(app, before_stop=services.realtime.hub.stop) as url:
+        yield url.removeprefix("http://")
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from rich.console import Console
 
 from dispatchd.app import create_app
@@ -30,7 +29,7 @@ from dispatchd.config import Settings
 from dispatchd.core import events as event_log
 from dispatchd.replay import SHIPPED_TRIPS, ReplayOptions
 from dispatchd.replay.runner import _Replay
-from tests.conftest import ADMIN_KEY, admin_headers, free_port, make_settings
+from tests.conftest import ADMIN_KEY, admin_headers, free_port, make_settings, serve_app
 
 JS_CLIENT = Path(__file__).resolve().parents[2] / "src" / "dispatchd" / "static" / "dispatchd-stream.js"
 WAIT_S = 15.0
@@ -160,25 +159,9 @@ class Proxy:
         await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
 
 
-@contextlib.asynccontextmanager
-async def uvicorn_server(settings: Settings, clock, port: int) -> AsyncIterator[str]:
+def uvicorn_server(settings: Settings, clock, port: int):
     """Like the ``live_server`` fixture, on a given port, stopped on exit (open streams cut after 2 s)."""
-    app = create_app(settings, clock=clock, run_migrations=False, background=False)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False, timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(250):
-        if server.started:
-            break
-        await asyncio.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    return serve_app(create_app(settings, clock=clock, run_migrations=False, background=False), port)
 
 
 # ---------------------------------------------------------------------------------------------------------
