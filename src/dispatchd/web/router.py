@@ -91,19 +91,8 @@ async def index(request: Request):
 
 
 @router.get("/sign-in", response_class=HTMLResponse)
-async def sign_in_form(request: Request, error: str | None = None):
-    token = new_token()
-    response = render(request, "sign_in.html", sign_in_token=token, error=error)
-    response.set_cookie(
-        SIGN_IN_COOKIE,
-        token,
-        max_age=600,
-        httponly=True,
-        samesite="strict",
-        path="/console",
-        secure=_secure(request),
-    )
-    return response
+async def sign_in_form(request: Request):
+    return _sign_in_page(request, None, 200)
 
 
 @router.post("/sign-in", response_class=HTMLResponse)
@@ -118,9 +107,9 @@ async def sign_in(
         async with services.db.read() as session:
             who = await authenticate(session, api_key.strip())
     if who is None:
-        return await _sign_in_again(request, "unknown_key", 401)
+        return _sign_in_page(request, "unknown_key", 401)
     if who.role not in CONSOLE_ROLES:
-        return await _sign_in_again(request, "role", 403)
+        return _sign_in_page(request, "role", 403)
     token, _ = await _sessions(request).open(who)
     response = RedirectResponse(
         "/console/conversations" if who.role is Role.AGENT else "/console/matching", status_code=303
@@ -138,7 +127,8 @@ async def sign_in(
     return response
 
 
-async def _sign_in_again(request: Request, error: str, status: int) -> Response:
+def _sign_in_page(request: Request, error: str | None, status: int) -> Response:
+    """The sign-in form, with a fresh double-submit token in the form and in a cookie."""
     token = new_token()
     response = render(request, "sign_in.html", status=status, sign_in_token=token, error=error)
     response.set_cookie(
