@@ -26,13 +26,16 @@ from dispatchd.realtime import metrics
 from dispatchd.realtime.hub import CloseCode, StreamClosed
 from tests.conftest import admin_headers, booking_data, driver_data, make_settings, new_phone, serve_app
 from tests.integration.test_dispatcher_scenarios import write
+from tests.prom import sample
 
 pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
 def settings(db_url: str):
-    return make_settings(db_url, auth_cache_s=0.5, stream_fallback_read_s=0.2, agent_disconnect_grace_s=20)
+    return make_settings(
+        db_url, auth_cache_s=0.5, stream_fallback_read_s=0.2, agent_disconnect_grace_s=20, stream_ping_s=0.3
+    )
 
 
 @pytest.fixture
@@ -121,6 +124,17 @@ async def test_a_client_that_drops_mid_stream_resumes_with_every_event_once_in_o
     ids = [event["id"] for event in received]
     assert ids == written  # every event once, in order, and nothing of other topics
     assert [event["data"]["n"] for event in received] == list(range(500))
+
+
+async def test_an_idle_stream_gets_a_comment_ping_from_the_hub(http):
+    async with http.stream("GET", "/v1/stream", params={"topic": "test:idle"}) as answer:
+        lines = answer.aiter_lines()
+        assert await anext(lines) == "retry: 2000"
+        seen = []
+        async with asyncio.timeout(3):
+            while ": ping" not in seen:
+                seen.append(await anext(lines))
+    assert all(line in ("", ": ping") for line in seen)  # nothing but keep-alives
 
 
 async def test_after_resumes_like_last_event_id_and_the_stream_starts_with_a_retry_hint(http):
@@ -384,11 +398,17 @@ async def test_an_agents_websocket_carries_its_presence_and_a_close_hands_its_co
 async def test_metrics_move_with_streams(http):
     pushed = metrics.EVENTS_PUSHED.labels("sse")
     before = pushed._value.get()
+    scraped = (await http.get("/metrics")).text
     ids = await publish(http, "test:m", 3)
     await read_sse(http, {"topic": "test:m", "after": ids[0] - 1}, until=ids[-1])
     assert pushed._value.get() == before + 3
     text = (await http.get("/metrics")).text
-    assert 'dispatchd_stream_resumes_total{transport="sse"}' in text
+    assert sample(text, "dispatchd_stream_resumes_total", transport="sse") == (
+        sample(scraped, "dispatchd_stream_resumes_total", transport="sse") + 1
+    )
+    assert sample(text, "dispatchd_stream_events_pushed_total", transport="sse") == (
+        sample(scraped, "dispatchd_stream_events_pushed_total", transport="sse") + 3
+    )
 
 
 def _admin():

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from dispatchd.cli.common import console, settings, with_db
+from dispatchd.cli.common import console, errors, settings, with_db
 
 
 def serve(
@@ -24,14 +24,16 @@ def serve(
 
     from dispatchd.app import create_app
     from dispatchd.core.logging import configure_logging
-    from dispatchd.core.serving import HeaderTimeoutProtocol, raise_file_limit
+    from dispatchd.core.serving import HeaderTimeoutProtocol, raise_file_limit, tune_garbage_collector
 
     config = settings(host=host, port=port)
     configure_logging(config.log_level, json=config.log_json)
     raise_file_limit()
     HeaderTimeoutProtocol.header_timeout_s = config.header_timeout_s
+    app = create_app(config)
+    tune_garbage_collector()
     uvicorn.run(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
         log_config=None,
@@ -43,9 +45,26 @@ def serve(
     )
 
 
-def migrate() -> None:
-    """Apply the database migrations (also done by `serve` at start) and make sure an admin key exists."""
-    from dispatchd.migrate import current_revision, prepare_database
+def migrate(
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            metavar="REVISION",
+            help="Upgrade or downgrade to REVISION (head, base, or an id such as 0007) instead of head; "
+            "does not create the admin key. Rolling back a release: run it with the newer release.",
+        ),
+    ] = None,
+) -> None:
+    """Apply the database migrations (also done by `serve` at start) and make sure an admin key exists;
+    with --to, bring the schema to that revision, down included (exit 1 on an unknown revision)."""
+    from dispatchd.migrate import (
+        UnknownRevision,
+        current_revision,
+        migrate_to,
+        prepare_database,
+        wait_for_database,
+    )
 
     config = settings()
 
@@ -53,5 +72,17 @@ def migrate() -> None:
         await prepare_database(db, config)
         return await current_revision(db)
 
-    revision = with_db(run, config)
-    console.print(f"database at revision [bold]{revision}[/]")
+    async def run_to(db) -> tuple[str | None, str | None]:
+        await wait_for_database(db)
+        return await migrate_to(db, to)
+
+    if to is None:
+        revision = with_db(run, config)
+        console.print(f"database at revision [bold]{revision}[/]")
+        return
+    try:
+        before, after = with_db(run_to, config)
+    except UnknownRevision as exc:
+        errors.print(f"[bold red]dispatchd migrate:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"database at revision [bold]{after or 'base'}[/] (was {before or 'base'})")

@@ -107,6 +107,16 @@ class Published:
 _CLOSE = object()
 
 
+class _Ping:
+    """Put in a queue every ``ping_s`` by the hub: the SSE stream writes a comment line (a keep-alive
+    for proxies), so no connection needs a timer of its own."""
+
+    id = 0
+
+
+PING = _Ping()
+
+
 @dataclass(eq=False)
 class Subscription:
     """One stream's interest: exact topics and patterns (``booking:*``; ``[]`` with ``everything``)."""
@@ -122,6 +132,8 @@ class Subscription:
     #: the last event id this subscription has handed out (or replayed up to)
     cursor: int = 0
     registered: bool = False
+    #: whether the hub's keep-alive :data:`PING` is wanted in the queue (SSE)
+    pings: bool = False
 
     def wants(self, topic: str) -> bool:
         return self.everything or topic in self.exact or any(topics.matches(p, topic) for p in self.patterns)
@@ -156,8 +168,8 @@ class Subscription:
 
     async def events(self, after: int | None) -> AsyncIterator[Published]:
         """Every event of this subscription after ``after`` (None: from now), in id order, each once:
-        first those read from the log, then the live ones. Raises :class:`StreamClosed` when the hub
-        ends the stream."""
+        first those read from the log, then the live ones; and :data:`PING` when :attr:`pings` is set.
+        Raises :class:`StreamClosed` when the hub ends the stream."""
         await self.hub.start()
         if after is None:
             self.cursor = self.hub.position
@@ -172,6 +184,9 @@ class Subscription:
             if item is _CLOSE:
                 assert self.closed is not None
                 raise self.closed
+            if item is PING:
+                yield item
+                continue
             if item.id <= self.cursor:
                 continue
             self.cursor = item.id
@@ -208,8 +223,10 @@ class Hub:
         queue_max: int = 1000,
         fallback_read_s: float = 1.0,
         revocation_check_s: float = 5.0,
+        ping_s: float = 15.0,
     ) -> None:
         self.db = db
+        self.ping_s = ping_s
         self.queue_max = queue_max
         self.fallback_read_s = fallback_read_s
         self.revocation_check_s = max(revocation_check_s, 0.5)
@@ -336,10 +353,14 @@ class Hub:
 
     async def _run(self) -> None:
         next_revocation_check = time.monotonic() + self.revocation_check_s
+        next_ping = time.monotonic() + self.ping_s
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.fallback_read_s)
+                await asyncio.wait_for(self._wake.wait(), min(self.fallback_read_s, self.ping_s))
             self._wake.clear()
+            if time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + self.ping_s
+                self.ping()
             try:
                 await self.read_new()
                 if time.monotonic() >= next_revocation_check:
@@ -347,6 +368,12 @@ class Hub:
                     await self.close_revoked()
             except Exception as exc:  # the database is away: keep the streams, retry at the next tick
                 log.warning("realtime hub could not read the event log", error=str(exc))
+
+    def ping(self) -> None:
+        """Queue a keep-alive :data:`PING` for every stream that wants one (not behind a full queue)."""
+        for subscription in list(self.subscriptions()):
+            if subscription.pings and subscription.closed is None and subscription.queue.qsize() < 2:
+                subscription.queue.put_nowait(PING)
 
     async def read_new(self) -> int:
         """Read and fan out every event after :attr:`position`; returns how many."""
@@ -376,7 +403,7 @@ class Hub:
 
     async def close_revoked(self) -> int:
         """Close the streams of keys revoked since they connected; returns how many were closed."""
-        key_ids = {s.principal.key_id for s in self.subscriptions()}
+        key_ids = set(self._per_key)  # the keys with a stream open (no walk over every subscription)
         if not key_ids:
             return 0
         async with self.db.read() as session:
@@ -387,6 +414,8 @@ class Hub:
                     )
                 ).all()
             )
+        if not revoked:
+            return 0
         closed = 0
         for subscription in list(self.subscriptions()):
             if subscription.principal.key_id in revoked:

@@ -18,12 +18,13 @@ from dispatchd.core.errors import InvalidInput, Unauthorized
 from dispatchd.core.schemas import StrictModel
 from dispatchd.deps import _bearer, principal
 from dispatchd.realtime import metrics, ws
-from dispatchd.realtime.hub import StreamClosed, Subscription
+from dispatchd.realtime.hub import PING, StreamClosed, Subscription
 from dispatchd.realtime.service import Realtime
 
 router = APIRouter(prefix="/v1", tags=["realtime"])
 router.add_api_websocket_route("/ws", ws.endpoint)
 
+PING_FRAME = b": ping\n\n"
 #: the largest ``Last-Event-ID`` / ``after`` taken (JavaScript's safe integer)
 MAX_EVENT_ID = 2**53
 
@@ -126,12 +127,8 @@ async def stream(
     start = resume_from(last_event_id, after)
     rt.check_room(who)  # before the 200: the generator below counts the stream once it runs
     subscription = rt.hub.subscription(who, topics, "sse")
-    return EventSourceResponse(
-        _frames(rt, subscription, start),
-        ping=rt.ping_s,
-        sep="\n",
-        send_timeout=30,
-    )
+    subscription.pings = True  # the hub's keep-alives, instead of a ping task per connection
+    return EventSourceResponse(_frames(rt, subscription, start), ping=0, sep="\n", send_timeout=30)
 
 
 async def _frames(rt: Realtime, subscription: Subscription, start: int | None):
@@ -141,6 +138,9 @@ async def _frames(rt: Realtime, subscription: Subscription, start: int | None):
         try:
             yield ServerSentEvent(retry=rt.retry_ms, sep="\n")
             async for event in subscription.events(start):
+                if event is PING:
+                    yield PING_FRAME
+                    continue
                 yield event.sse()
                 pushed.inc()
                 if not event.replayed:

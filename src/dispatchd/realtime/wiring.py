@@ -22,6 +22,7 @@ def build(context: Context) -> Domain:
         queue_max=settings.stream_queue_max,
         fallback_read_s=settings.stream_fallback_read_s,
         revocation_check_s=settings.auth_cache_s,
+        ping_s=settings.stream_ping_s,
     )
     on_commit = [hub.on_commit]
     redis = None
