@@ -6,6 +6,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicError
 from sqlalchemy import text
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -50,6 +52,61 @@ async def upgrade(db: Database, revision: str = "head") -> None:
         if db.is_postgres:
             await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), revision))
+
+
+async def downgrade(db: Database, revision: str) -> None:
+    """Undo migrations down to ``revision`` (``base``: an empty schema), under the same lock as upgrade."""
+    async with db.engine.begin() as connection:
+        if db.is_postgres:
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        await connection.run_sync(lambda sync: command.downgrade(alembic_config(sync), revision))
+
+
+class UnknownRevision(ValueError):
+    """``dispatchd migrate --to`` was given a revision this release does not ship."""
+
+
+def revisions() -> list[str]:
+    """The revisions this release ships, oldest first (``base`` comes before the first)."""
+    script = ScriptDirectory.from_config(alembic_config())
+    return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+def resolve_revision(revision: str) -> str | None:
+    """The revision id ``revision`` names: ``head``, ``base`` (None) or an id this release ships
+    (``0003``); :class:`UnknownRevision` otherwise."""
+    if revision == "base":
+        return None
+    script = ScriptDirectory.from_config(alembic_config())
+    if revision in ("head", "heads"):
+        return script.get_current_head()
+    try:
+        found = script.get_revision(revision)
+    except AlembicError as exc:
+        raise UnknownRevision(f"unknown revision {revision!r}: {exc}") from None
+    if found is None:
+        raise UnknownRevision(f"unknown revision {revision!r}")
+    return found.revision
+
+
+async def migrate_to(db: Database, revision: str) -> tuple[str | None, str | None]:
+    """Bring the schema to ``revision`` (``head``, ``base`` or an id of :func:`revisions`), upgrading or
+    downgrading as needed; return (revision before, revision after). A database at a revision this
+    release does not know (written by a newer release) raises :class:`UnknownRevision`: roll back with
+    the newer release's ``dispatchd migrate --to``, before installing the older one."""
+    target = resolve_revision(revision)
+    order = [None, *revisions()]
+    before = await current_revision(db)
+    if before not in order:
+        raise UnknownRevision(
+            f"the database is at revision {before!r}, which this release does not ship "
+            f"(it knows {', '.join(order[1:])}); run `dispatchd migrate --to` from the release that wrote it"
+        )
+    if order.index(target) > order.index(before):
+        await upgrade(db, target)
+    elif order.index(target) < order.index(before):
+        await downgrade(db, target or "base")
+    return before, await current_revision(db)
 
 
 async def current_revision(db: Database) -> str | None:

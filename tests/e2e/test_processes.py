@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import os
 import re
+import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +53,13 @@ def serve(env: dict[str, str], port: int, output: Path) -> Iterator[subprocess.P
         process.terminate()
         process.wait(timeout=15)
         log.close()
+    # Reached only when the block succeeded. A clean stop: the lifespan ran to its end ("dispatchd
+    # stopped"), then uvicorn re-raised the SIGTERM it had caught, so the status is "killed by SIGTERM"
+    # (-15 here, 143 in a shell), what systemd and Docker expect of a graceful stop; a crash exits 1.
+    assert process.returncode == -signal.SIGTERM, (
+        f"status {process.returncode}:\n{output.read_text()[-3000:]}"
+    )
+    assert '"dispatchd stopped"' in output.read_text()
 
 
 def test_first_serve_generates_an_admin_key_and_delivers_messages(tmp_path: Path):
@@ -70,6 +82,47 @@ def test_first_serve_generates_an_admin_key_and_delivers_messages(tmp_path: Path
             assert page["total"] == 2  # the offer and the customer's message, sent by the log channel
             assert http.get("/docs").status_code == 200
     assert (tmp_path / "d.db").exists()
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_stops(tmp_path: Path):
+    """SIGTERM arrives while a request's body is still being sent: the server stops accepting, waits for
+    that request (up to 10 s), answers it, stops its loops, and ends by SIGTERM's status (see ``serve``);
+    the work it did is committed."""
+    port = free_port()
+    database = tmp_path / "t.db"
+    env = {"DISPATCHD_DATABASE_URL": f"sqlite+aiosqlite:///{database}", "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY}
+    body = json.dumps(driver_data(name="In Flight")).encode()
+    half_sent, signalled = threading.Event(), threading.Event()
+
+    def chunks() -> Iterator[bytes]:
+        yield body[:10]
+        half_sent.set()
+        assert signalled.wait(10)
+        time.sleep(0.5)  # the signal handled by the server while the body is incomplete
+        yield body[10:]
+
+    def post() -> httpx.Response:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+        return httpx.post(
+            f"http://127.0.0.1:{port}/v1/drivers", content=chunks(), headers=headers, timeout=20
+        )
+
+    with serve(env, port, tmp_path / "serve.log") as process:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(post)
+            assert half_sent.wait(10)
+            time.sleep(0.3)  # the headers reached the server: the request is in flight
+            process.send_signal(signal.SIGTERM)
+            signalled.set()
+            response = answer.result(timeout=20)
+        assert process.wait(timeout=15) == -signal.SIGTERM
+    assert response.status_code == 201, response.text
+    assert response.headers["Connection"] == "close"  # no keep-alive past the shutdown
+    with sqlite3.connect(database) as connection:
+        stored = connection.execute("SELECT id, name FROM drivers").fetchall()
+    assert stored == [(response.json()["id"], "In Flight")]
+    log = (tmp_path / "serve.log").read_text()
+    assert log.index("Shutting down") < log.index("dispatchd stopped")
 
 
 def test_keys_create_prints_a_working_key(tmp_path: Path):

@@ -6,6 +6,7 @@ import pytest
 
 from dispatchd.config import SettingsError, load_settings
 from tests.factories import create_booking, create_driver, create_drivers
+from tests.prom import sample
 
 
 async def test_liveness_needs_no_key(client):
@@ -69,16 +70,38 @@ async def test_component_health_grades_the_outbox_on_customer_and_admin_messages
     assert (report["status"], report["oldest_customer_or_admin_due_s"]) == ("CRITICAL", 301)
 
 
-async def test_metrics_are_exposed_for_prometheus(client, services):
+async def test_metrics_move_with_a_search_and_its_answer(client, services, clock):
+    """Counters are process-wide (other tests move them too): each is read before and after the action."""
+    drivers = await create_drivers(services, 2)
     booking = await create_booking(services)
+    before = (await client.get("/metrics")).text
+    assert sample(before, "dispatchd_notification_backlog") == 0
+
     await services.matching.start_matching(booking.id)
-    text = (await client.get("/metrics")).text
-    assert "dispatchd_matching_started_total" in text and "dispatchd_time_to_match_seconds_bucket" in text
-    assert (
-        "dispatchd_notification_backlog 1.0" in text
-        and "dispatchd_notification_oldest_pending_seconds" in text
-        and "dispatchd_notification_held_by_pacing 0.0" in text
-        and "dispatchd_notification_oldest_customer_or_admin_due_seconds 0.0" in text
+    started = (await client.get("/metrics")).text
+    for name, moved in (
+        ("dispatchd_matching_started_total", 1),
+        ("dispatchd_offers_sent_total", 2),
+        ("dispatchd_broadcast_drivers_count", 1),
+        ("dispatchd_broadcast_drivers_sum", 2),
+        ("dispatchd_time_to_match_seconds_count", 0),
+    ):
+        assert sample(started, name) == sample(before, name) + moved, name
+    backlog = sample(started, "dispatchd_notification_backlog")
+    assert backlog >= 2  # the two offers at least, written with the search
+    assert sample(started, "dispatchd_notification_held_by_pacing") == 0
+
+    clock.advance(4)
+    assert (await services.matching.respond(booking.id, drivers[0].id, "ACCEPT")).action == "ASSIGNED"
+    answered = (await client.get("/metrics")).text
+    assert sample(answered, "dispatchd_time_to_match_seconds_count") == (
+        sample(started, "dispatchd_time_to_match_seconds_count") + 1
+    )
+    assert sample(answered, "dispatchd_time_to_match_seconds_bucket", le="3.0") == sample(
+        started, "dispatchd_time_to_match_seconds_bucket", le="3.0"
+    ), "a match after 4 s counted in the 3 s bucket"
+    assert sample(answered, "dispatchd_time_to_match_seconds_bucket", le="5.0") == (
+        sample(started, "dispatchd_time_to_match_seconds_bucket", le="5.0") + 1
     )
 
 

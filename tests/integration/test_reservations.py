@@ -8,13 +8,14 @@ import io
 
 import aiohttp
 import httpx
-import pytest
 from sqlalchemy import select
 
 from dispatchd.notifications.models import Notification
+from dispatchd.reservations.common import REFUSALS
 from dispatchd.reservations.service import ResourceFull
 from tests.conftest import admin_headers
 from tests.factories import create_resource, post_api_key, post_resource
+from tests.prom import sample
 
 
 async def _reserve(http, resource_id: str, quantity: int = 1, client: str = "c1", **headers):
@@ -269,24 +270,47 @@ async def test_security_headers_and_metrics(client):
         response.headers["X-Frame-Options"] == "DENY"
         and response.headers["X-Content-Type-Options"] == "nosniff"
     )
-    await _reserve(client, resource_id)
-    text = (await client.get("/metrics")).text
-    for name in (
-        "reservations_total",
-        'rejections_total{code="RESOURCE_FULL"}',
-        "commit_duration_seconds_bucket",
-        "active_resources",
-        "capacity_utilization",
-    ):
-        assert name in text
+    before = (await client.get("/metrics")).text
+    assert (await _reserve(client, resource_id)).json()["code"] == "RESOURCE_FULL"
+    await post_resource(client, 4)  # a second OPEN resource, empty
+    after = (await client.get("/metrics")).text
+    # counters are process-wide: the first reservation counted before ``before`` was read
+    assert sample(after, "reservations_total") == sample(before, "reservations_total")
+    assert sample(after, "rejections_total", code="RESOURCE_FULL") == (
+        sample(before, "rejections_total", code="RESOURCE_FULL") + 1
+    )
+    assert (
+        sample(after, "commit_duration_seconds_count") == sample(before, "commit_duration_seconds_count") + 1
+    )
+    # gauges are refreshed at each scrape from the database: 1 of 1 place, then 1 of 5 over two resources
+    assert (sample(before, "active_resources"), sample(before, "capacity_utilization")) == (1, 1.0)
+    assert (sample(after, "active_resources"), sample(after, "capacity_utilization")) == (2, 0.2)
+    assert (await _reserve(client, await post_resource(client, 1))).status_code == 201
+    assert sample((await client.get("/metrics")).text, "reservations_total") == (
+        sample(after, "reservations_total") + 1
+    )
 
 
-async def test_service_refusal_outcome_raises_the_right_error(services):
-    resource = await create_resource(services, 0, type="slot", name="x")
-    outcome = await services.reservations.reserve(resource.id, "c", 1)
-    assert outcome.reservation is None and outcome.refusal == "RESOURCE_FULL"
-    with pytest.raises(ResourceFull):
-        raise ResourceFull(outcome.detail)
+async def test_service_refuses_a_full_then_a_closed_resource_with_its_event(services):
+    reservations = services.reservations
+    resource = await create_resource(services, 1, type="slot", name="x")
+    first = await reservations.reserve(resource.id, "a", 1)
+    assert first.reservation is not None and first.refusal is None
+
+    full = await reservations.reserve(resource.id, "b", 2)
+    assert (full.reservation, full.refusal, full.detail) == (None, "RESOURCE_FULL", "2 asked, 0 free")
+    assert REFUSALS[full.refusal] is ResourceFull
+
+    await reservations.close(resource.id, "admin")
+    closed = await reservations.reserve(resource.id, "c", 1)
+    assert (closed.refusal, closed.detail) == ("RESOURCE_CLOSED", f"resource {resource.id} is closed")
+
+    rejected = [e.data for e in await reservations.timeline(resource.id) if e.type == "ReservationRejected"]
+    assert [(e["code"], e["client_id"], e["quantity"], e["reserved"]) for e in rejected] == [
+        ("RESOURCE_FULL", "b", 2, 1),
+        ("RESOURCE_CLOSED", "c", 1, 1),
+    ]
+    assert (await reservations.get_resource(resource.id)).reserved == 1  # refusals changed nothing
 
 
 async def test_a_client_joining_behind_an_offer_is_offered_the_free_place(client, clock):
