@@ -122,5 +122,6 @@ def build_services(settings: Settings, clock: Clock | None = None) -> Services:
                 )
         context.inbound_handlers.extend(domain.inbound_handlers)
         context.coalescers.update(domain.coalescers)
+        context.alert_rules.extend(domain.alert_rules)
         db.after_commit.extend(domain.on_commit)
     return Services(settings, db, sweeper, domains)

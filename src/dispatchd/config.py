@@ -81,6 +81,31 @@ class Settings(BaseSettings):
         ge=0,
         description="Drivers silent (no heartbeat) longer than this get no offer; 0 = never",
     )
+    # matching's progress messages, zones and reports (seed 000 §6, §7.1; issue 14)
+    search_progress_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="At most one 'search widened' message to a customer per this many seconds (seed 000 "
+        "§7.1 notifySearchProgress); 0 = one per wave",
+    )
+    zone_geohash_precision: int = Field(
+        default=5, ge=1, le=12, description="Geohash length of a zone cell (5 ≈ 4.9 km × 4.9 km)"
+    )
+    zones_geojson: str | None = Field(
+        default=None,
+        description="GeoJSON file of named zones (Polygon/MultiPolygon features, properties.name); a "
+        "pickup outside every polygon falls in its geohash cell",
+    )
+    report_daily_schedule: str | None = Field(
+        default=None,
+        description="Cron, in DISPATCHD_TIMEZONE, of the daily matching report to the admins (seed 000 "
+        "§5.1 sendDailyMetricsReport), e.g. '0 7 * * *'; unset = never",
+    )
+    report_weekly_schedule: str | None = Field(
+        default=None,
+        description="Cron, in DISPATCHD_TIMEZONE, of the weekly matching report (the 7 days before), e.g. "
+        "'0 7 * * 1'; unset = never",
+    )
 
     sweep_interval_s: float = Field(default=0.5, gt=0, le=60, description="Deadline sweeper period")
     sweep_batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -137,6 +162,55 @@ class Settings(BaseSettings):
     admin_phones: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated E.164 numbers that receive admin alerts"
     )
+
+    # --- Admin alerts (seed 004 §5 "Système d'Alertes Admin", seed 000 AdminAlertService) -------------
+    # The 60 s monitor of dispatchd.notifications.alerts; every rule's threshold, cooldown and severity.
+    alerts_enabled: bool = Field(
+        default=True, description="Run the alert monitor in the server (seed's ALERT_SYSTEM_ENABLED)"
+    )
+    alert_email_enabled: bool = Field(
+        default=True, description="Send alerts to DISPATCHD_ADMIN_EMAILS (seed's ALERT_EMAIL_ENABLED)"
+    )
+    alert_whatsapp_enabled: bool = Field(
+        default=True,
+        description="Send critical alerts to DISPATCHD_ADMIN_PHONES (seed's ALERT_WHATSAPP_ENABLED)",
+    )
+    alert_interval_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Alert rules evaluated this often"
+    )
+    alert_cooldown_s: float = Field(
+        default=3600.0, ge=0, description="A rule fires at most once per this many seconds"
+    )
+    alert_failures_per_hour: int = Field(
+        default=20, ge=1, description="FAILURES_1H: failed send attempts in the last hour"
+    )
+    alert_permanent_per_day: int = Field(
+        default=5, ge=1, description="PERMANENT_24H: permanent failures in the last 24 h"
+    )
+    alert_failure_rate: float = Field(
+        default=0.5, gt=0, le=1, description="FAILURE_RATE_1H: failed / (failed + sent) attempts, last hour"
+    )
+    alert_min_outcomes: int = Field(
+        default=10, ge=1, description="FAILURE_RATE_1H needs at least this many attempts in the hour"
+    )
+    alert_severities: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON: rule -> "critical" | "warning" | "off", overriding a rule\'s default severity '
+        '(critical: WhatsApp and email; warning: email only; off: never evaluated), e.g. {"PERMANENT_24H": '
+        '"critical"}; a rule with a suffix (CIRCUIT_OPEN:whatsapp_cloud) is matched by its prefix too',
+    )
+    low_drivers_threshold: int = Field(
+        default=3,
+        ge=0,
+        description="LOW_DRIVER_AVAILABILITY: fewer available drivers than this while searches run (0 = off)",
+    )
+    timeout_rate_alert: float = Field(
+        default=0.5, gt=0, le=1, description="SEARCH_TIMEOUT_RATE: share of last hour's searches timed out"
+    )
+    timeout_rate_min_searches: int = Field(
+        default=5, ge=1, description="SEARCH_TIMEOUT_RATE needs at least this many finished searches"
+    )
+    # --------------------------------------------------------------------------------------------------
 
     waiting_list_hold_s: float = Field(
         default=900.0, gt=0, description="How long a freed place is held for the waiting list's head"
@@ -243,6 +317,16 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("alert_severities")
+    @classmethod
+    def _severities(cls, value: dict[str, str]) -> dict[str, str]:
+        normalised = {rule.strip().upper(): str(level).strip().lower() for rule, level in value.items()}
+        levels = ("critical", "warning", "off")
+        bad = sorted(rule for rule, level in normalised.items() if level not in levels)
+        if bad:
+            raise ValueError(f"severity must be critical, warning or off (rules {', '.join(bad)})")
+        return normalised
+
     @field_validator("admin_phones")
     @classmethod
     def _e164(cls, value: list[str]) -> list[str]:
@@ -253,7 +337,7 @@ class Settings(BaseSettings):
             raise ValueError(f"not E.164 phone numbers: {', '.join(bad)}")
         return value
 
-    @field_validator("dispatch_schedule")
+    @field_validator("dispatch_schedule", "report_daily_schedule", "report_weekly_schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
         from croniter import croniter

@@ -99,15 +99,17 @@ def test_cli_retry_list_and_health(tmp_path: Path):
         await db.dispose()
 
     asyncio.run(seed())
-    dry = runner.invoke(cli, ["notifications", "retry", "--dry-run", "--verbose"], env=env)
+    waiting = runner.invoke(cli, ["notifications", "retry"], env=env)  # its backoff has an hour to run
+    assert "Notifications trouvées : 0" in waiting.output
+    dry = runner.invoke(cli, ["notifications", "retry", "--now", "--dry-run", "--verbose"], env=env)
     assert (
         dry.exit_code == 0
         and "Notifications trouvées : 1" in dry.output
         and "Mises en file      : 0" in dry.output
     )
-    done = runner.invoke(cli, ["notifications", "retry", "--max-retries", "10"], env=env)
+    done = runner.invoke(cli, ["notifications", "retry", "--now", "--max-retries", "10"], env=env)
     assert "Mises en file      : 1" in done.output
-    skipped = runner.invoke(cli, ["notifications", "retry", "--max-retries", "2"], env=env)
+    skipped = runner.invoke(cli, ["notifications", "retry", "--now", "--max-retries", "2"], env=env)
     assert "Notifications trouvées : 0" in skipped.output
     listed = runner.invoke(
         cli, ["notifications", "list", "--status", "FAILED"], env={**env, "COLUMNS": "200"}

@@ -1,12 +1,13 @@
 """The ``dispatchd`` command line (Typer): serve, migrate, keys, resources, reservations, notifications,
-fake-whatsapp, replay.
+reports, fake-whatsapp, replay.
 
 ``app`` is the console script (``dispatchd = "dispatchd.cli:app"``) and what ``python -m dispatchd``
 runs. Commands live by group: :mod:`~dispatchd.cli.server` (serve, migrate), :mod:`~dispatchd.cli.keys`,
 :mod:`~dispatchd.cli.reservations` (resources import, reservations export),
-:mod:`~dispatchd.cli.notifications`, :mod:`~dispatchd.cli.devtools` (fake-whatsapp, replay). Every command
-that opens the database goes through :func:`dispatchd.cli.common.with_db`. Exit codes: 0 done, 1 refused
-or failed (the reason on stderr), 2 bad settings or options.
+:mod:`~dispatchd.cli.notifications`, :mod:`~dispatchd.cli.reports`, :mod:`~dispatchd.cli.devtools`
+(fake-whatsapp, replay). Every command that opens the database goes through
+:func:`dispatchd.cli.common.with_db`. Exit codes: 0 done, 1 refused or failed (the reason on stderr), 2 bad
+settings or options.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Annotated
 import typer
 
 from dispatchd import __version__
-from dispatchd.cli import devtools, keys, notifications, reservations, server
+from dispatchd.cli import devtools, keys, notifications, reports, reservations, server
 from dispatchd.cli.common import console
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(reservations.resources_app, name="resources")
 app.add_typer(reservations.reservations_app, name="reservations")
 app.add_typer(notifications.app, name="notifications")
+app.add_typer(reports.app, name="reports")
 
 
 def _version(value: bool) -> None:

@@ -51,6 +51,14 @@ class Sweeper:
         self.deadlines: list[Deadline] = []
         self.last_tick_monotonic: float | None = None
         self.last_error: str | None = None
+        #: the clock's time (UTC) of the last tick that ran to its end, for the alert monitor (a
+        #: ManualClock moves it in tests; ``last_tick_monotonic`` serves ``/ready``)
+        self.last_tick_at: datetime | None = None
+        #: the last deadline handler failure: when (clock, UTC), which deadline, the exception's class
+        self.last_failure_at: datetime | None = None
+        self.last_failure: tuple[str, str] | None = None
+        #: deadline handler failures since the process started
+        self.failures_total = 0
 
     def register(self, deadline: Deadline) -> None:
         self.deadlines.append(deadline)
@@ -70,12 +78,16 @@ class Sweeper:
                         break
             except Exception as exc:  # one failing deadline must not starve the others
                 failed.append(f"{deadline.name}: {exc!r}")
+                self.last_failure_at = self.db.clock.now()
+                self.last_failure = (deadline.name, type(exc).__name__)
+                self.failures_total += 1
                 log.exception("deadline handler failed", deadline=deadline.name)
             handled[deadline.name] = total
             if total:
                 metrics.SWEEPER_HANDLED.labels(deadline.name).inc(total)
         metrics.SWEEPER_TICKS.inc()
         self.last_tick_monotonic = time.monotonic()
+        self.last_tick_at = self.db.clock.now()
         self.last_error = "; ".join(failed) or None
         return handled
 

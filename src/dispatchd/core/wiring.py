@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter
@@ -26,6 +27,11 @@ from dispatchd.core.sweeper import Deadline, Sweeper
 #: ``(component, summary metrics)`` of ``/v1/health``: the component has ``status`` (a
 #: :class:`dispatchd.core.health.Level`) and its figures; the summary feeds the report's ``metrics``.
 HealthContribution = tuple[dict[str, Any], dict[str, Any]]
+
+#: ``async rule(session, now) -> list[Alert]``: one domain's admin alert rule, given a read session and
+#: the clock's time (UTC); it returns the :class:`dispatchd.notifications.alerts.Alert` s that hold now
+#: (the monitor applies cooldowns and severities).
+AlertRule = Callable[[AsyncSession, datetime], Awaitable[list[Any]]]
 
 
 @dataclass
@@ -41,6 +47,9 @@ class Context:
     coalescers: dict[str, Callable[..., Any]] = field(default_factory=dict)
     #: domain name → its service, filled as each domain is built (a later domain may use an earlier's)
     services: dict[str, Any] = field(default_factory=dict)
+    #: every domain's admin alert rules, filled by the assembly after all are built (the alert monitor
+    #: of ``notifications`` holds this list)
+    alert_rules: list[AlertRule] = field(default_factory=list)
 
 
 @dataclass
@@ -70,3 +79,5 @@ class Domain:
     extras: Mapping[str, Any] = field(default_factory=dict)
     #: releases what it holds (open streams, listener connections) when the process stops
     close: Callable[[], Awaitable[None]] | None = None
+    #: admin alert rules evaluated by the 60 s alert monitor (:data:`AlertRule`)
+    alert_rules: Sequence[AlertRule] = ()

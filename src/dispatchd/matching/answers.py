@@ -209,13 +209,20 @@ async def _accept(
     except IntegrityError:  # the partial unique index: this driver already holds an ASSIGNED booking
         raise _Abort(Action.DRIVER_BUSY) from None
     if won.rowcount != 1:
-        status = await session.scalar(select(Booking.status).where(Booking.id == booking_id))
+        status, winner = (
+            await session.execute(select(Booking.status, Booking.driver_id).where(Booking.id == booking_id))
+        ).one()
         # still SEARCHING: its 5 minutes ran out and the sweeper has not closed it yet
         action = Action.OFFER_EXPIRED if status == BookingStatus.SEARCHING else _action_for(status)
         await _record_answer(session, offer, "ACCEPT")
         if action is Action.ALREADY_TAKEN:
-            log.warning(
-                "race lost", booking_id=booking_id, driver_id=driver_id, booking_status="ALREADY_ASSIGNED"
+            # seed 000 "Logs structurés": logger.error('Race condition detected', …), with both drivers
+            log.error(
+                "race condition detected",
+                booking_id=booking_id,
+                driver_id=driver_id,
+                winner_driver_id=winner,
+                booking_status="ALREADY_ACCEPTED",
             )
         return ResponseResult(False, action, booking_id, driver_id)
     if not await _resolve_open_offer(session, offer, OfferResponse.ACCEPTED, "ACCEPT"):
@@ -256,7 +263,11 @@ async def after_assignment(
         [
             Cancellation("booking assigned", (Category.DRIVER_OFFER,), subject=topic),
             Cancellation("driver busy", (Category.DRIVER_OFFER,), recipients=(driver.phone,)),
-            Cancellation("driver found", (Category.CUSTOMER_SEARCH_STARTED,), subject=topic),
+            Cancellation(
+                "driver found",
+                (Category.CUSTOMER_SEARCH_STARTED, Category.CUSTOMER_SEARCH_PROGRESS),
+                subject=topic,
+            ),
         ],
     )
     # Drivers who saw the offer (open or timed out) learn it is gone; those who refused, and those

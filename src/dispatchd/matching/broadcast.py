@@ -35,6 +35,7 @@ from dispatchd.matching.models import (
 )
 from dispatchd.matching.types import Category, MatchingConfig, MatchingOptions, MatchingResult
 from dispatchd.notifications import outbox
+from dispatchd.notifications.models import Notification
 from dispatchd.notifications.outbox import Message
 
 log = get_logger("dispatchd.matching")
@@ -261,7 +262,8 @@ async def escalate(session: AsyncSession, config: MatchingConfig, booking: Booki
     """One due wave of a SEARCHING booking (locked by the caller). While an offer is still open, only
     postpone ``next_wave_at`` to its expiry. Otherwise offer the booking to the drivers who became
     available since (never twice to one driver), with the radius grown by ``escalation_radius_factor``
-    per wave when ``max_distance_km`` is set; ``SearchEscalated`` when someone was found."""
+    per wave when ``max_distance_km`` is set; ``SearchEscalated`` and the customer's "recherche élargie"
+    (:func:`notify_search_progress`) when someone was found."""
     at = now(session)
     still_open = await session.scalar(
         select(func.max(BookingOffer.expires_at)).where(
@@ -279,13 +281,14 @@ async def escalate(session: AsyncSession, config: MatchingConfig, booking: Booki
     candidates = await offer_wave(session, config, booking, options, radius)
     if not candidates:
         return
-    await session.execute(
+    total_notified = await session.scalar(
         update(MatchingMetrics)
         .where(MatchingMetrics.booking_id == booking.id)
         .values(
             total_drivers_notified=MatchingMetrics.total_drivers_notified + len(candidates),
             waves=MatchingMetrics.waves + 1,
         )
+        .returning(MatchingMetrics.total_drivers_notified)
     )
     events.append(
         session,
@@ -294,3 +297,45 @@ async def escalate(session: AsyncSession, config: MatchingConfig, booking: Booki
         {"wave": booking.wave, "drivers_notified": len(candidates), "radius_km": radius},
     )
     log.info("search escalated", booking_id=booking.id, wave=booking.wave, drivers=len(candidates))
+    await notify_search_progress(session, config, booking, len(candidates), total_notified or 0, radius)
+
+
+async def notify_search_progress(
+    session: AsyncSession,
+    config: MatchingConfig,
+    booking: Booking,
+    drivers_count: int,
+    total_notified: int,
+    radius_km: float | None,
+) -> bool:
+    """Seed 000 §7.1 notifySearchProgress: tell the customer the search widened (wave ``booking.wave``,
+    ``drivers_count`` more drivers, ``radius_km`` km or None), unless such a message about this booking was
+    written less than ``search_progress_interval_s`` seconds ago (the outbox is the record). The message
+    expires with the search. Returns whether one was written."""
+    at = now(session)
+    topic = topics.booking(booking.id)
+    if config.search_progress_interval_s > 0:
+        recent = await session.scalar(
+            select(Notification.id)
+            .where(
+                Notification.subject == topic,
+                Notification.category == Category.CUSTOMER_SEARCH_PROGRESS.value,
+                Notification.created_at > at - timedelta(seconds=config.search_progress_interval_s),
+            )
+            .limit(1)
+        )
+        if recent is not None:
+            return False
+    await outbox.enqueue(
+        session,
+        [
+            Message(
+                recipient=booking.customer_phone,
+                category=Category.CUSTOMER_SEARCH_PROGRESS,
+                body=messages.search_progress(booking.wave, drivers_count, total_notified, radius_km),
+                subject=topic,
+                expires_at=booking.search_deadline_at,
+            )
+        ],
+    )
+    return True

@@ -191,8 +191,8 @@ async def time_out(session: AsyncSession, config: MatchingConfig, booking: Booki
 
 def moot_on_close(booking: Booking, reason: str) -> Cancellation:
     """What a search ending without a driver makes moot: its unsent offers and the customer's
-    "recherche en cours"."""
-    moot = (Category.DRIVER_OFFER, Category.CUSTOMER_SEARCH_STARTED)
+    "recherche en cours" and "recherche élargie"."""
+    moot = (Category.DRIVER_OFFER, Category.CUSTOMER_SEARCH_STARTED, Category.CUSTOMER_SEARCH_PROGRESS)
     return Cancellation(reason, moot, subject=topics.booking(booking.id))
 
 

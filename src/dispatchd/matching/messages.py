@@ -57,6 +57,18 @@ def search_started(drivers_count: int) -> str:
     )
 
 
+def search_progress(wave: int, drivers_count: int, total_notified: int, radius_km: float | None) -> str:
+    """Seed 000 §7.1 notifySearchProgress: the search widened (wave ``wave``, ``drivers_count`` more
+    drivers, ``total_notified`` in all, radius in km when the search has one)."""
+    radius = f" (rayon {radius_km:.1f} km)" if radius_km is not None else ""
+    return (
+        "🔎 *RECHERCHE ÉLARGIE*\n\n"
+        f"Nous élargissons la recherche{radius} : {drivers_count} chauffeurs de plus notifiés, "
+        f"{total_notified} au total.\n\n"
+        "⏱️ Nous vous tenons informé."
+    )
+
+
 def driver_found(driver: Driver) -> str:
     return (
         "✅ *CHAUFFEUR TROUVÉ !*\n\n"

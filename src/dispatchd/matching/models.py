@@ -165,3 +165,15 @@ class MatchingMetrics(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_matching_metrics_created_at", "created_at"),)
+
+
+class MatchingSchedule(Base):
+    """When one of matching's scheduled jobs (``daily_report``, ``weekly_report``) runs next: a deadline on
+    a row (as the dispatcher's ``dispatcher_schedule``), claimed by the sweeper, so several instances run it
+    once. ``expression`` is the cron it was planned from: a changed setting re-plans it."""
+
+    __tablename__ = "matching_schedule"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expression: Mapped[str] = mapped_column(String(120))

@@ -81,7 +81,9 @@ async def close_offers(
 
 async def expire_offers(session: AsyncSession, offer_ids: Sequence[str]) -> int:
     """Seed 000 §4 handleDriverTimeout for these offers: open → TIMEOUT, ``OfferTimedOut`` on each driver's
-    topic, ``matching_metrics.total_timeouts`` per booking; return how many this statement closed."""
+    topic, ``matching_metrics.total_timeouts`` per booking, and one "driver timeout" warning per offer
+    (seed 000 "Logs structurés": ``booking_id``, ``driver_id``, ``response_time_ms`` = the offer's life in
+    ms, ``total_timeouts`` = the booking's count so far); return how many this statement closed."""
     if not offer_ids:
         return 0
     rows = (
@@ -89,7 +91,13 @@ async def expire_offers(session: AsyncSession, offer_ids: Sequence[str]) -> int:
             update(BookingOffer)
             .where(BookingOffer.id.in_(offer_ids), BookingOffer.response.is_(None))
             .values(response=OfferResponse.TIMEOUT.value)
-            .returning(BookingOffer.id, BookingOffer.booking_id, BookingOffer.driver_id)
+            .returning(
+                BookingOffer.id,
+                BookingOffer.booking_id,
+                BookingOffer.driver_id,
+                BookingOffer.sent_at,
+                BookingOffer.expires_at,
+            )
             .execution_options(synchronize_session=False)
         )
     ).all()
@@ -99,12 +107,21 @@ async def expire_offers(session: AsyncSession, offer_ids: Sequence[str]) -> int:
     for row in rows:
         per_booking[row.booking_id] = per_booking.get(row.booking_id, 0) + 1
         events.append(session, topics.driver(row.driver_id), "OfferTimedOut", {"booking_id": row.booking_id})
+    totals: dict[str, int | None] = {}
     for booking_id in sorted(per_booking):  # a fixed order: two sweepers never deadlock
-        await session.execute(
+        totals[booking_id] = await session.scalar(
             update(MatchingMetrics)
             .where(MatchingMetrics.booking_id == booking_id)
             .values(total_timeouts=MatchingMetrics.total_timeouts + per_booking[booking_id])
+            .returning(MatchingMetrics.total_timeouts)
         )
     metrics.OFFER_OUTCOMES.labels(OfferResponse.TIMEOUT.value).inc(len(rows))
-    log.warning("driver timeout", offers=len(rows), bookings=len(per_booking))
+    for row in sorted(rows, key=lambda r: (r.booking_id, r.driver_id)):
+        log.warning(
+            "driver timeout",
+            booking_id=row.booking_id,
+            driver_id=row.driver_id,
+            response_time_ms=round((row.expires_at - row.sent_at).total_seconds() * 1000),
+            total_timeouts=totals[row.booking_id],
+        )
     return len(rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
@@ -11,7 +11,7 @@ from dispatchd.core.auth import Principal
 from dispatchd.core.errors import Forbidden, InvalidInput
 from dispatchd.core.schemas import UtcDateTime
 from dispatchd.deps import principal
-from dispatchd.matching import stats
+from dispatchd.matching import reports, stats
 from dispatchd.matching.models import DriverStatus
 from dispatchd.matching.schemas import (
     BookingCreate,
@@ -204,7 +204,15 @@ async def matching_stats(
     request: Request,
     start: Annotated[UtcDateTime | None, Query(alias="from", description="default: 24 h before `to`")] = None,
     end: Annotated[UtcDateTime | None, Query(alias="to", description="default: now")] = None,
+    group_by: Annotated[
+        Literal["hour", "zone"] | None,
+        Query(
+            description="also `groups`: the metrics per local hour (0–23, DISPATCHD_TIMEZONE) or per zone "
+            "(a named polygon of DISPATCHD_ZONES_GEOJSON, else the pickup's geohash cell), and `peak_hours`"
+        ),
+    ] = None,
     who: Principal = Depends(principal),
+    matching: MatchingService = Depends(service),
 ):
     who.require_staff()
     db = request.app.state.services.db
@@ -212,4 +220,9 @@ async def matching_stats(
     start = start or end - timedelta(hours=24)
     if start >= end:
         raise InvalidInput("'from' must be before 'to'")
-    return await stats.matching_stats(db, start, end)
+    result = await stats.matching_stats(db, start, end)
+    if group_by is not None:
+        timezone = matching.config.timezone
+        result["group_by"], result["timezone"] = group_by, timezone
+        result["groups"] = await reports.stats_by(db, matching.zones, timezone, start, end, group_by)
+    return result

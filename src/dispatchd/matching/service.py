@@ -40,6 +40,7 @@ from dispatchd.matching.types import (
     MatchingResult,
     ResponseResult,
 )
+from dispatchd.matching.zones import Zones
 
 __all__ = [
     "ACTION_MESSAGES",
@@ -56,9 +57,13 @@ __all__ = [
 class MatchingService:
     """Seed 000 §2.1 MatchingService over one :class:`Database`; durations of ``config`` in seconds."""
 
-    def __init__(self, db: Database, config: MatchingConfig | None = None) -> None:
+    def __init__(
+        self, db: Database, config: MatchingConfig | None = None, zones: Zones | None = None
+    ) -> None:
         self.db = db
         self.config = config or MatchingConfig()
+        #: where a pickup lies, for the metrics by zone (seed 000 §6.1)
+        self.zones = zones or Zones()
 
     # ---------------------------------------------------------------- drivers
 

@@ -21,6 +21,7 @@ class Category(StrEnum):
     OFFER_TAKEN = "offer_taken"
     OFFER_CANCELLED = "offer_cancelled"
     CUSTOMER_SEARCH_STARTED = "customer_search_started"
+    CUSTOMER_SEARCH_PROGRESS = "customer_search_progress"  # seed 000 §7.1 notifySearchProgress
     CUSTOMER_DRIVER_FOUND = "customer_driver_found"
     CUSTOMER_NO_DRIVER = "customer_no_driver"
     CUSTOMER_CANCELLED = "customer_cancelled"
@@ -50,6 +51,8 @@ class MatchingConfig:
     escalation_radius_factor: float = 1.5
     driver_stale_after_s: float = 900.0
     admin_phones: tuple[str, ...] = ()
+    search_progress_interval_s: float = 60.0
+    timezone: str = "UTC"  # IANA; the hours of the reports and of ``stats?group_by=hour``
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import topics
 from dispatchd.core.wiring import Context, Domain
-from dispatchd.matching import deadlines, inbound, messages, router
+from dispatchd.matching import alerts, deadlines, inbound, messages, reports, router
 from dispatchd.matching.health import matching_health
 from dispatchd.matching.models import Driver
 from dispatchd.matching.service import MatchingService
 from dispatchd.matching.types import Category, MatchingConfig
+from dispatchd.matching.zones import load_zones
 
 
 async def _driver_exists(session: AsyncSession, driver_id: str) -> bool:
@@ -31,6 +32,19 @@ def build(context: Context) -> Domain:
             escalation_radius_factor=settings.escalation_radius_factor,
             driver_stale_after_s=settings.driver_stale_after_s,
             admin_phones=tuple(settings.admin_phones),
+            search_progress_interval_s=settings.search_progress_interval_s,
+            timezone=settings.timezone,
+        ),
+        zones=load_zones(settings.zones_geojson, settings.zone_geohash_precision),
+    )
+    report_scheduler = reports.ReportScheduler(
+        service.zones,
+        reports.ReportConfig(
+            daily_schedule=settings.report_daily_schedule,
+            weekly_schedule=settings.report_weekly_schedule,
+            timezone=settings.timezone,
+            admin_phones=tuple(settings.admin_phones),
+            admin_emails=tuple(settings.admin_emails),
         ),
     )
 
@@ -44,7 +58,8 @@ def build(context: Context) -> Domain:
         openapi_tags=(
             {"name": "matching", "description": "Drivers, bookings, broadcast matching (seed 000)"},
         ),
-        deadlines=deadlines.deadlines(service),
+        deadlines=[*deadlines.deadlines(service), report_scheduler.deadline()],
+        extras={"reports": report_scheduler},
         inbound_handlers=inbound.handlers(service),
         coalescers={
             Category.DRIVER_OFFER: messages.combine_offers,
@@ -52,4 +67,5 @@ def build(context: Context) -> Domain:
         },
         health=health,
         subjects={topics.DRIVER: _driver_exists},
+        alert_rules=alerts.rules(settings),
     )

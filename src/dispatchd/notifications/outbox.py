@@ -68,14 +68,17 @@ Coalescer = Callable[[Sequence[OutboundMessage]], Combined]
 async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
     """Insert messages in the current unit of work (one bulk insert); return their ids.
 
-    Written PENDING with ``next_attempt_at`` = now, so the delivery worker picks them up at once.
+    Written PENDING with ``next_attempt_at`` = now, so the delivery worker picks them up at once. The ids
+    of one call ascend in the list's order, so that the claim's last tie-break (priority, next_attempt_at,
+    id) sends them in that order: a broadcast's offers go out in rank order (seed 000 §2.2 priorityMode).
     """
     if not messages:
         return []
     now = session.info["now"]
+    ids = sorted(new_id("ntf") for _ in messages)  # random ids, handed out in ascending order
     rows = [
         {
-            "id": new_id("ntf"),
+            "id": row_id,
             "category": message.category,
             "recipient": message.recipient,
             "body": message.body,
@@ -89,7 +92,7 @@ async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
             "idempotency_key": message.idempotency_key,
             "created_at": now,
         }
-        for message in messages
+        for row_id, message in zip(ids, messages, strict=True)
     ]
     await session.execute(Notification.__table__.insert(), rows)
     session.info["notifications_written"] = session.info.get("notifications_written", 0) + len(rows)

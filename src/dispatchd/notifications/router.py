@@ -148,6 +148,21 @@ async def retry_notification(
     return await admin.retry_one(db, notification_id)
 
 
+@router.post(
+    "/notifications/{notification_id}/cancel",
+    response_model=NotificationOut,
+    summary="Cancel a message not yet sent",
+)
+async def cancel_notification(
+    notification_id: str, who: Principal = Depends(principal), db: Database = Depends(database)
+):
+    """A PENDING or FAILED message becomes CANCELLED and is never sent (seed 004 §1, ``annulee``); a
+    ``NotificationCancelled`` event is appended on the ``notifications`` topic. Staff only. 409
+    ``INVALID_STATE`` when it is SENDING, already sent or already ended; 404 ``NOTIFICATION_NOT_FOUND``."""
+    who.require_staff()
+    return await admin.cancel_one(db, notification_id, by=who.key_id)
+
+
 class ReplayIn(StrictModel):
     since: UtcDateTime = Field(description="Every message that failed at or after this time (UTC)")
     permanent_only: bool = False

@@ -97,7 +97,12 @@ def build(context: Context) -> Domain:
         delivery.breakers,
         admin_phones=tuple(settings.admin_phones),
         admin_emails=tuple(settings.admin_emails),
-        thresholds=Thresholds(latency_alert_s=settings.notification_latency_alert_s),
+        thresholds=Thresholds.from_settings(settings),
+        interval_s=settings.alert_interval_s,
+        rules=context.alert_rules,  # every domain's, filled by the assembly once all are built
+        sweeper=context.sweeper,
+        email_enabled=settings.alert_email_enabled,
+        whatsapp_enabled=settings.alert_whatsapp_enabled,
     )
     inbox = Inbox(context.inbound_handlers)
     expiry = OutboxExpiry()
@@ -138,7 +143,8 @@ def build(context: Context) -> Domain:
         coalescers={ADMIN_ALERT: combine_alerts},
         health=health,
         refresh_metrics=refresh_metrics,
-        background={"delivery": delivery.run_forever, "alerts": alerts.run_forever},
+        background={"delivery": delivery.run_forever}
+        | ({"alerts": alerts.run_forever} if settings.alerts_enabled else {}),
         on_commit=(),
         extras={"delivery": delivery, "alerts": alerts, "inbox": inbox},
     )

@@ -4,8 +4,10 @@
 ``smtps`` connects with implicit TLS (default port 465); ``smtp`` on port 587 upgrades with STARTTLS,
 on other ports (default 25) it upgrades only when the server offers STARTTLS (aiosmtplib's default).
 The subject is the body's first line without markdown asterisks (≤ 78 characters, RFC 5322 §2.1.1);
-the body is the text. Failures are classified by :func:`dispatchd.notifications.classify.classify_smtp`;
-the password never appears in an error.
+the body is the text, with the files of ``payload["attachments"]`` attached (each ``{"filename",
+"content_type", "content"}``, ``content`` text sent as UTF-8, e.g. the admins' CSV reports). Failures
+are classified by :func:`dispatchd.notifications.classify.classify_smtp`; the password never appears in
+an error.
 """
 
 from __future__ import annotations
@@ -109,4 +111,12 @@ def build_email(message: OutboundMessage, sender: str) -> EmailMessage:
     domain = address.rpartition("@")[2] if "@" in address else "localhost"
     email["Message-ID"] = make_msgid(idstring=message.id.replace("@", "_")[:64] or None, domain=domain)
     email.set_content(message.body)
+    for attachment in (message.payload or {}).get("attachments") or ():
+        maintype, _, subtype = str(attachment.get("content_type") or "text/plain").partition("/")
+        email.add_attachment(
+            str(attachment["content"]).encode("utf-8"),
+            maintype=maintype,
+            subtype=subtype or "plain",
+            filename=str(attachment["filename"]),
+        )
     return email
