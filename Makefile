@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_reservations
 	$(BIN)/python -m bench.bench_notifications
 	$(BIN)/python -m bench.bench_outbox_peak
+	$(BIN)/python -m bench.bench_realtime
 
 # The console's messages: extract the English msgids from src/dispatchd/web (babel.cfg), merge them into
 # each language's .po (new languages are created), then compile the .mo files the app reads.
