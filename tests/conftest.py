@@ -77,16 +77,19 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-async def _create_postgres_database() -> str:
-    """Create a fresh database on the test server, migrate it, return its URL."""
+async def _create_postgres_database(prefix: str = "dispatchd_test", *, migrate: bool = True) -> str:
+    """Create a fresh database on the test server, migrate it (unless ``migrate`` is false: empty, no
+    ``alembic_version``), return its URL."""
     admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"dispatchd_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         async with admin.connect() as connection:
             await connection.execute(text(f'CREATE DATABASE "{name}"'))
     finally:
         await admin.dispose()
     url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    if not migrate:
+        return url
     db = Database(url)
     try:
         await upgrade(db)

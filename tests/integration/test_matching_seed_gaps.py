@@ -11,25 +11,12 @@ from dispatchd.matching import answers
 from dispatchd.matching.broadcast import NO_DRIVER_AVAILABLE
 from dispatchd.matching.models import BookingOffer, PriorityMode
 from dispatchd.matching.service import Action, MatchingOptions
-from dispatchd.notifications.channels.base import OutboundMessage, SendResult
 from dispatchd.notifications.delivery import DeliveryWorker
 from dispatchd.notifications.models import Notification
 from tests.factories import create_booking, create_driver
+from tests.integration.test_outbox_peak import RecordingChannel
 
 PICKUP = (14.6681, -17.4312)
-
-
-class RecordingChannel:
-    """Records what the worker hands it, in the order it is handed."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.sent: list[OutboundMessage] = []
-
-    async def send(self, message: OutboundMessage) -> SendResult:
-        self.sent.append(message)
-        return SendResult(provider_message_id=f"wamid.{len(self.sent)}")
 
 
 async def _deliver_all(services, channel: RecordingChannel, *, concurrency: int = 2) -> None:

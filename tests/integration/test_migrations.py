@@ -5,14 +5,11 @@ Each test gets an empty database of its own (the shared PostgreSQL test database
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import inspect, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner
 
 from dispatchd.cli import app as cli
@@ -26,27 +23,13 @@ from dispatchd.migrate import (
     revisions,
     upgrade,
 )
-from tests.conftest import POSTGRES_URL, _unavailable, run_blocking
-
-
-async def _create_postgres_database() -> str:
-    admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    name = f"dispatchd_migrations_{uuid.uuid4().hex[:10]}"
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        await admin.dispose()
-    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-
-
-async def _drop_postgres_database(url: str) -> None:
-    admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
+from tests.conftest import (
+    POSTGRES_URL,
+    _create_postgres_database,
+    _drop_postgres_database,
+    _unavailable,
+    run_blocking,
+)
 
 
 @pytest.fixture
@@ -56,7 +39,7 @@ def empty_url(backend: str, tmp_path) -> Iterator[str]:
         yield f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
         return
     try:
-        url = run_blocking(_create_postgres_database)
+        url = run_blocking(lambda: _create_postgres_database("dispatchd_migrations", migrate=False))
     except Exception as exc:
         _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}: {exc}"[:300])
     yield url
