@@ -198,6 +198,7 @@ async def test_resizing_closing_and_reopening_are_for_admins_and_audited(browser
 async def test_french_by_default_english_by_accept_language_or_by_the_switch(browser):
     french = await browser.get("/console/sign-in")
     assert french.headers["content-language"] == "fr" and '<html lang="fr">' in french.text
+    assert french.headers["vary"] == "Accept-Language, Cookie"
     english = await browser.get("/console/sign-in", headers={"Accept-Language": "en-GB,en;q=0.9,fr;q=0.5"})
     assert english.headers["content-language"] == "en" and "Sign in" in english.text
     assert french.text != english.text

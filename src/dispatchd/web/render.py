@@ -35,6 +35,7 @@ def render(request: Request, name: str, *, status: int = 200, **context) -> HTML
         status_code=status,
         headers={
             "Content-Language": locale,
+            "Vary": "Accept-Language, Cookie",  # the language follows the header or the switch's cookie
             "Cache-Control": "no-store",
             "Content-Security-Policy": CONTENT_SECURITY_POLICY,
         },
