@@ -244,6 +244,20 @@ async def test_a_revoked_keys_open_stream_is_closed_within_the_auth_cache_time(h
         assert (again.status_code, again.json()["code"]) == (401, "KEY_REVOKED")
 
 
+async def test_a_revoked_keys_websocket_is_closed_even_without_a_subscription(http, server):
+    created = await key_for(http, "integration")
+    token = (
+        await http.post("/v1/stream-tokens", json={}, headers={"Authorization": f"Bearer {created['key']}"})
+    ).json()["token"]
+    socket = await ws_connect(server, token)
+    assert (await http.delete(f"/v1/api-keys/{created['id']}")).status_code == 200
+    closing = json.loads(await asyncio.wait_for(socket.recv(), 5))  # auth cache: 0.5 s
+    assert (closing["op"], closing["code"]) == ("close", CloseCode.KEY_REVOKED)
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await asyncio.wait_for(socket.recv(), 5)
+    assert closed.value.rcvd.code == 1008
+
+
 async def test_streams_per_key_are_capped(http, services):
     services.realtime.max_per_key = 2
     created = await key_for(http, "integration")

@@ -235,6 +235,9 @@ class Hub:
         self._exact: dict[str, set[Subscription]] = defaultdict(set)
         self._wide: set[Subscription] = set()
         self._per_key: dict[str, int] = defaultdict(int)
+        #: key id → what ends each of its open connections on revocation (a WebSocket with no
+        #: subscription has nothing else the hub could close)
+        self._on_revoked: dict[str, list[Callable[[], None]]] = defaultdict(list)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._started: asyncio.Future | None = None
@@ -305,13 +308,21 @@ class Hub:
     def open_streams(self, key_id: str) -> int:
         return self._per_key.get(key_id, 0)
 
-    def connected(self, principal: Principal) -> None:
+    def connected(self, principal: Principal, on_revoked: Callable[[], None] | None = None) -> None:
         self._per_key[principal.key_id] += 1
+        if on_revoked is not None:
+            self._on_revoked[principal.key_id].append(on_revoked)
 
-    def disconnected(self, principal: Principal) -> None:
+    def disconnected(self, principal: Principal, on_revoked: Callable[[], None] | None = None) -> None:
         self._per_key[principal.key_id] -= 1
         if self._per_key[principal.key_id] <= 0:
             del self._per_key[principal.key_id]
+        callbacks = self._on_revoked.get(principal.key_id)
+        if on_revoked is not None and callbacks is not None:
+            if on_revoked in callbacks:
+                callbacks.remove(on_revoked)
+            if not callbacks:
+                del self._on_revoked[principal.key_id]
 
     def subscription(self, principal: Principal, requested: list[str], transport: str) -> Subscription:
         """A subscription to ``requested`` (already checked by ``Principal.readable``; ``[]`` for a staff
@@ -421,4 +432,7 @@ class Hub:
             if subscription.principal.key_id in revoked:
                 subscription.close(CloseCode.KEY_REVOKED, "the API key of this stream was revoked")
                 closed += 1
+        for key_id in revoked:
+            for end in list(self._on_revoked.get(key_id, ())):
+                end()
         return closed

@@ -126,11 +126,15 @@ class Realtime:
             )
 
     @contextlib.asynccontextmanager
-    async def connection(self, who: Principal, transport: str) -> AsyncIterator[None]:
+    async def connection(
+        self, who: Principal, transport: str, on_revoked: Callable[[], None] | None = None
+    ) -> AsyncIterator[None]:
         """Count one open stream of ``who`` (refused with :class:`TooManyStreams` beyond
-        ``DISPATCHD_STREAM_MAX_PER_KEY``), and carry an agent's presence while it is open."""
+        ``DISPATCHD_STREAM_MAX_PER_KEY``), and carry an agent's presence while it is open.
+        ``on_revoked`` is called if its key is revoked meanwhile."""
         self.check_room(who)
-        self.hub.connected(who)
+        await self.hub.start()  # its tail also checks revocations, subscription or not
+        self.hub.connected(who, on_revoked)
         gauge = metrics.CONNECTIONS.labels(transport)
         gauge.inc()
         agent_id = who.agent_id
@@ -140,7 +144,7 @@ class Realtime:
             yield
         finally:
             gauge.dec()
-            self.hub.disconnected(who)
+            self.hub.disconnected(who, on_revoked)
             if agent_id is not None:
                 try:
                     await asyncio.shield(self.presence.closed(agent_id))

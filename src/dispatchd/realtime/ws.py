@@ -60,6 +60,7 @@ class _Connection:
         self.recent: deque[int] = deque(maxlen=_RECENT)
         self.recent_set: set[int] = set()
         self.closing: StreamClosed | None = None
+        self._tasks: set[asyncio.Task] = set()
         self.pushed = metrics.EVENTS_PUSHED.labels("ws")
         self.latency = metrics.PUSH_LATENCY.labels("ws")
 
@@ -127,6 +128,17 @@ class _Connection:
                 await self.websocket.close(code=_CLOSE_CODES.get(closed.code, 1011), reason=closed.code)
         finally:
             self.rt.hub.unregister(subscription)
+
+    def revoked(self) -> None:
+        """The key was revoked: say so and close, even with no subscription open (called by the hub)."""
+        self.closing = StreamClosed(CloseCode.KEY_REVOKED, "the API key of this connection was revoked")
+        self._tasks.add(task := asyncio.create_task(self._close_revoked()))
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_revoked(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.send({"op": "close", "code": CloseCode.KEY_REVOKED, "reason": self.closing.reason})
+            await self.websocket.close(code=_CLOSE_CODES[CloseCode.KEY_REVOKED], reason=CloseCode.KEY_REVOKED)
 
     def stop(self) -> None:
         for subscription, pump in self.pumps.items():
@@ -223,7 +235,7 @@ async def endpoint(websocket: WebSocket) -> None:
         return
     connection = _Connection(websocket, rt, who, bound)
     try:
-        async with rt.connection(who, "ws"):
+        async with rt.connection(who, "ws", connection.revoked):
             await connection.send(
                 {"op": "welcome", "key_id": who.key_id, "role": who.role.value, "subject": who.subject}
             )
