@@ -538,8 +538,8 @@ async def test_a_technician_follows_their_resources_reservations_through_a_token
 
 async def test_every_tab_of_one_user_receives_every_event(http, server, services):
     agent = await services.dispatcher.create_agent({"name": "Awa", "phone": new_phone()})
-    key = (await key_for(http, "agent", f"agent:{agent.id}"))["key"]
-    as_agent = {"Authorization": f"Bearer {key}"}
+    created = await key_for(http, "agent", f"agent:{agent.id}")
+    as_agent = {"Authorization": f"Bearer {created['key']}"}
     start = (await publish(http, "test:mark", 1))[0]
     seen: list[list[int]] = [[], [], []]
 
@@ -557,7 +557,7 @@ async def test_every_tab_of_one_user_receives_every_event(http, server, services
         await socket.send(json.dumps({"op": "subscribe", "topics": [], "after": start}))
         assert json.loads(await socket.recv())["op"] == "subscribed"
         await asyncio.sleep(0.2)
-        assert services.realtime.hub.open_streams(services.principals.get(key).key_id) == 4
+        assert services.realtime.hub.open_streams(created["id"]) == 4
         ids = await publish(http, f"agent:{agent.id}", 2)
         on_socket = []
         while len(on_socket) < 2 or on_socket[-1] != ids[-1]:
