@@ -229,14 +229,23 @@ async def test_a_stream_token_lets_a_browser_connect_for_60_s_to_its_topics_only
         assert bare.status_code == 401
 
 
-async def test_a_revoked_keys_open_stream_is_closed_within_the_auth_cache_time(http):
+async def streams_open(services: Services, key_id: str, count: int) -> None:
+    """Wait (at most 5 s) until ``key_id`` has ``count`` streams open in the server."""
+    for _ in range(250):
+        if services.realtime.hub.open_streams(key_id) == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{key_id} has {services.realtime.hub.open_streams(key_id)} streams, not {count}")
+
+
+async def test_a_revoked_keys_open_stream_is_closed_within_the_auth_cache_time(http, services):
     created = await key_for(http, "integration")
     as_key = {"Authorization": f"Bearer {created['key']}"}
     token = (await http.post("/v1/stream-tokens", json={"topics": ["test:r"]}, headers=as_key)).json()
     reader = asyncio.create_task(read_sse(http, {"topic": "test:r"}, until=10**9, headers=as_key))
     async with httpx.AsyncClient(base_url=http.base_url) as browser:
         by_token = asyncio.create_task(read_sse(browser, {"token": token["token"]}, until=10**9))
-        await asyncio.sleep(0.3)
+        await streams_open(services, created["id"], 2)
         assert (await http.delete(f"/v1/api-keys/{created['id']}")).status_code == 200
         closed = await asyncio.wait_for(asyncio.gather(reader, by_token), 5)  # auth cache: 0.5 s
         assert [got[-1]["close"]["code"] for got in closed] == [CloseCode.KEY_REVOKED] * 2
@@ -266,7 +275,7 @@ async def test_streams_per_key_are_capped(http, services):
     open_streams.append(
         asyncio.create_task(read_sse(http, {"topic": "test:cap"}, until=10**9, headers=as_key))
     )
-    await asyncio.sleep(0.3)
+    await streams_open(services, created["id"], 2)
     third = await http.get("/v1/stream", params={"topic": "test:cap"}, headers=as_key)
     assert (third.status_code, third.json()["code"]) == (429, "TOO_MANY_STREAMS")
     for task in open_streams:
@@ -556,8 +565,7 @@ async def test_every_tab_of_one_user_receives_every_event(http, server, services
     async with await ws_connect(server, token) as socket:
         await socket.send(json.dumps({"op": "subscribe", "topics": [], "after": start}))
         assert json.loads(await socket.recv())["op"] == "subscribed"
-        await asyncio.sleep(0.2)
-        assert services.realtime.hub.open_streams(created["id"]) == 4
+        await streams_open(services, created["id"], 4)
         ids = await publish(http, f"agent:{agent.id}", 2)
         on_socket = []
         while len(on_socket) < 2 or on_socket[-1] != ids[-1]:
