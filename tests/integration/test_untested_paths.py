@@ -220,3 +220,34 @@ async def test_alert_monitor_loop_stops_during_its_wait(services):
     stop.set()
     await asyncio.wait_for(loop, timeout=5)  # the wait ends at once, not after an hour
     assert loop.exception() is None
+
+
+async def test_two_instances_starting_at_once_both_come_up_with_one_admin_key(settings):
+    """Two ``dispatchd serve`` starting together on a fresh database both store DISPATCHD_ADMIN_API_KEY:
+    the second insert meets the unique hash and must not fail the start-up."""
+    import asyncio
+
+    from sqlalchemy import func, select
+
+    from dispatchd.core import auth
+    from dispatchd.core.db import Database
+
+    key = "dk_" + "k" * 43
+    databases = [Database(settings.database_url) for _ in range(2)]
+
+    async def start(db: Database) -> None:
+        async with db.transaction() as session:
+            await auth.ensure_admin_key(session, key)
+
+    try:
+        await asyncio.gather(*(start(db) for db in databases))
+        async with databases[0].read() as session:
+            stored = await session.scalar(
+                select(func.count())
+                .select_from(auth.ApiKey)
+                .where(auth.ApiKey.key_hash == auth.hash_key(key))
+            )
+        assert stored == 1
+    finally:
+        for db in databases:
+            await db.dispose()

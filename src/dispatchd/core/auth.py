@@ -20,11 +20,12 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import String, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from dispatchd.core import topics
-from dispatchd.core.db import Base
+from dispatchd.core.db import Base, savepoint
 from dispatchd.core.errors import Forbidden, InvalidInput, NotFound
 from dispatchd.core.ids import new_id
 from dispatchd.core.types import UTCDateTime
@@ -223,9 +224,13 @@ async def ensure_admin_key(session: AsyncSession, configured_key: str | None) ->
     if configured_key:
         exists = await session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(configured_key)))
         if exists is None:
-            await create_key(
-                session, Role.ADMIN, name="bootstrap (DISPATCHD_ADMIN_API_KEY)", key=configured_key
-            )
+            try:
+                async with savepoint(session):
+                    await create_key(
+                        session, Role.ADMIN, name="bootstrap (DISPATCHD_ADMIN_API_KEY)", key=configured_key
+                    )
+            except IntegrityError:
+                pass  # another instance starting at the same moment stored it first
         return None
     active_admin = await session.scalar(
         select(ApiKey.id).where(ApiKey.role == Role.ADMIN.value, ApiKey.revoked_at.is_(None)).limit(1)
