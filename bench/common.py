@@ -86,15 +86,67 @@ async def fresh_database(backend: str):
         await admin.dispose()
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every live descendant (``serve --workers N`` forks), read
+    from ``/proc``; 0.0 for a process that is gone. Divide a delta by the operations it served to get the
+    server CPU time per operation, the figure that stays stable on a noisy machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(cpu.get(member, 0.0) for member in tree)
+
+
+class CpuMeter:
+    """Server CPU time over a window: ``meter = CpuMeter(pid)``, work, ``meter.per_operation(n)`` → ms of
+    CPU per operation (the processes' user + system time delta ÷ ``n``)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = process_tree_cpu_s(pid)
+
+    def seconds(self) -> float:
+        return process_tree_cpu_s(self.pid) - self.start
+
+    def per_operation(self, operations: int) -> float | None:
+        """Milliseconds of server CPU per operation, or None when nothing was done."""
+        return self.seconds() * 1000 / operations if operations else None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+class ServerURL(str):
+    """The base URL of a served process, carrying its ``pid`` (for :class:`CpuMeter`)."""
+
+    pid: int
+
+    def __new__(cls, url: str, pid: int) -> ServerURL:
+        value = super().__new__(cls, url)
+        value.pid = pid
+        return value
+
+
 @contextmanager
 def server(database_url: str, admin_key: str, **settings: str):
-    """Run ``dispatchd serve`` in its own process until ready; yield its base URL."""
+    """Run ``dispatchd serve`` in its own process until ready; yield its base URL (a :class:`ServerURL`)."""
     port = free_port()
     env = {
         **os.environ,
@@ -119,7 +171,7 @@ def server(database_url: str, admin_key: str, **settings: str):
                     log.seek(0)
                     raise RuntimeError(f"server exited: {log.read()[-2000:]}")
                 time.sleep(0.1)
-            yield base
+            yield ServerURL(base, process.pid)
         finally:
             process.terminate()
             process.wait(timeout=20)
