@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Integer, String
+from sqlalchemy import JSON, Integer, String, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -45,6 +45,14 @@ async def recall(session: AsyncSession, scope: str, request_fingerprint: str) ->
             "this Idempotency-Key was used for a different request", code="IDEMPOTENCY_KEY_REUSED"
         )
     return row
+
+
+async def recall_many(session: AsyncSession, scopes: list[str]) -> dict[str, IdempotentRequest]:
+    """The stored outcomes of ``scopes`` in one read, by scope (the caller compares fingerprints)."""
+    if not scopes:
+        return {}
+    rows = await session.scalars(select(IdempotentRequest).where(IdempotentRequest.scope.in_(set(scopes))))
+    return {row.scope: row for row in rows}
 
 
 def remember(

@@ -20,6 +20,7 @@ from dispatchd.core.logging import get_logger
 from dispatchd.core.rows import get_or_404
 from dispatchd.notifications import outbox
 from dispatchd.notifications.outbox import Cancellation
+from dispatchd.reservations import metrics
 from dispatchd.reservations.models import AuditEntry, Reservation, Resource, WaitingListEntry
 
 log = get_logger("dispatchd.reservations")
@@ -46,10 +47,13 @@ REFUSALS: dict[str, type[Conflict]] = {"RESOURCE_FULL": ResourceFull, "RESOURCE_
 @dataclass(frozen=True)
 class ReservationsConfig:
     """``hold_s``: seconds a freed place stays held for the waiting-list entry it is offered to
-    (``DISPATCHD_WAITING_LIST_HOLD_S``, 900 s = 15 min); ``max_quantity``: most places in one request."""
+    (``DISPATCHD_WAITING_LIST_HOLD_S``, 900 s = 15 min); ``max_quantity``: most places in one request;
+    ``batch_max``: most reserve requests admitted in one transaction (``DISPATCHD_RESERVATION_BATCH_MAX``;
+    1 commits each request alone)."""
 
     hold_s: float = 900.0
     max_quantity: int = 1000
+    batch_max: int = 256
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,37 @@ def confirmed(
     events.append(session, topic(reservation.resource_id), "ReservationConfirmed", data)
     touch(session, reservation.resource_id)
     log.info("arbitration", decision="CONFIRMED", resource_id=reservation.resource_id, **data)
+
+
+def refusal(
+    session: AsyncSession,
+    resource_id: str,
+    client_id: str,
+    quantity: int,
+    counts: tuple[str, int, int, int, int],
+) -> tuple[str, str]:
+    """Record a refused commit: ``counts`` is the resource's ``(state, reserved, held, capacity, version)``
+    when it was refused. Appends ``ReservationRejected``, counts and logs it; returns ``(code, detail)``
+    with code RESOURCE_CLOSED (not OPEN) or RESOURCE_FULL."""
+    state, reserved, held, capacity, version = counts
+    if state != "OPEN":
+        code, detail = "RESOURCE_CLOSED", f"resource {resource_id} is closed"
+    else:
+        code, detail = "RESOURCE_FULL", f"{quantity} asked, {max(capacity - reserved - held, 0)} free"
+    data = {
+        "code": code,
+        "client_id": client_id,
+        "quantity": quantity,
+        "reserved": reserved,
+        "held": held,
+        "capacity": capacity,
+        "version": version,
+        "at": now(session).isoformat(),
+    }
+    events.append(session, topic(resource_id), "ReservationRejected", data)
+    metrics.REJECTIONS.labels(code).inc()
+    log.info("arbitration", decision="REJECTED", resource_id=resource_id, **data)
+    return code, detail
 
 
 def entry_subject(entry_id: str) -> str:

@@ -12,7 +12,10 @@ from dispatchd.reservations.service import ReservationsConfig, ReservationServic
 
 def build(context: Context) -> Domain:
     settings = context.settings
-    service = ReservationService(context.db, ReservationsConfig(hold_s=settings.waiting_list_hold_s))
+    service = ReservationService(
+        context.db,
+        ReservationsConfig(hold_s=settings.waiting_list_hold_s, batch_max=settings.reservation_batch_max),
+    )
     availability = AvailabilityCache(settings.availability_cache_s)
 
     async def refresh_metrics() -> None:
