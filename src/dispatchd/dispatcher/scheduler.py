@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core.db import Database, lock_for_update, retry_transient
@@ -197,9 +198,13 @@ class Scheduler:
         run = await session.get(ScheduledRun, DISTRIBUTION)
         upcoming = next_run(self.config.schedule or "", self.config.timezone, now)
         if run is None:
-            session.add(
-                ScheduledRun(name=DISTRIBUTION, next_run_at=upcoming, expression=self.config.schedule)
-            )
+            try:  # two instances' first tick both find no row: one plans, the other moves on
+                async with session.begin_nested():
+                    session.add(
+                        ScheduledRun(name=DISTRIBUTION, next_run_at=upcoming, expression=self.config.schedule)
+                    )
+            except IntegrityError:
+                pass
         else:
             run.next_run_at, run.expression = upcoming, self.config.schedule or ""
 
@@ -224,7 +229,11 @@ class Scheduler:
             minutes = round(self.config.pending_alert_s / 60)
             detail = f"{waiting} conversation(s) wait for an agent for more than {minutes} min"
             if state is None:
-                session.add(AlertState(rule=PENDING_ALERT_RULE, last_fired_at=now, detail=detail))
+                try:
+                    async with session.begin_nested():
+                        session.add(AlertState(rule=PENDING_ALERT_RULE, last_fired_at=now, detail=detail))
+                except IntegrityError:
+                    return 0  # another instance fired it a moment ago
             else:
                 state.last_fired_at, state.detail = now, detail
             await outbox.enqueue(

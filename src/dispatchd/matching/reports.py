@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core.db import Database, retry_transient
@@ -384,7 +385,13 @@ class ReportScheduler:
                     ):
                         continue  # another instance holds it
                     upcoming = next_run(expression, self.config.timezone, now)
-                    session.add(MatchingSchedule(name=name, next_run_at=upcoming, expression=expression))
+                    try:  # two instances' first tick both find no row: one plans, the other moves on
+                        async with session.begin_nested():
+                            session.add(
+                                MatchingSchedule(name=name, next_run_at=upcoming, expression=expression)
+                            )
+                    except IntegrityError:
+                        pass
                     continue
                 if run.expression != expression:
                     run.next_run_at, run.expression = (
