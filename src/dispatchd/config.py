@@ -215,6 +215,13 @@ class Settings(BaseSettings):
     waiting_list_hold_s: float = Field(
         default=900.0, gt=0, description="How long a freed place is held for the waiting list's head"
     )
+    reservation_batch_max: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Group commit: most reserve requests for one resource admitted by one transaction "
+        "(those that queued behind the commit in flight); 1 commits each request alone",
+    )
     availability_cache_s: float = Field(
         default=2.0,
         ge=0,
