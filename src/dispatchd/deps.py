@@ -56,14 +56,14 @@ async def principal(
     return who
 
 
-def database(request: Request) -> Database:
+async def database(request: Request) -> Database:
     return request.app.state.services.db
 
 
 def domain_service(name: str):
     """A dependency returning the service of domain ``name`` (``Depends(domain_service("matching"))``)."""
 
-    def dependency(request: Request):
+    async def dependency(request: Request):
         return request.app.state.services.domain(name).service
 
     return dependency
@@ -72,7 +72,7 @@ def domain_service(name: str):
 def domain_extra(name: str, key: str):
     """A dependency returning ``extras[key]`` of domain ``name`` (a rate limiter, a cache…)."""
 
-    def dependency(request: Request):
+    async def dependency(request: Request):
         return request.app.state.services.domain(name).extras[key]
 
     return dependency

@@ -42,7 +42,7 @@ router = APIRouter(prefix="/v1", tags=["dispatcher"])
 AgentId = Annotated[str, Query(min_length=1, max_length=ID_MAX)]
 
 
-def service(request: Request) -> DispatcherService:
+async def service(request: Request) -> DispatcherService:
     return request.app.state.services.dispatcher
 
 

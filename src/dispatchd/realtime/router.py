@@ -29,7 +29,7 @@ PING_FRAME = b": ping\n\n"
 MAX_EVENT_ID = 2**53
 
 
-def realtime(request: Request) -> Realtime:
+async def realtime(request: Request) -> Realtime:
     return request.app.state.services.domain("realtime").service
 
 

@@ -91,7 +91,7 @@ class AvailabilityCache:
                 self.views.pop(resource_id, None)
 
 
-def service(request: Request) -> ReservationService:
+async def service(request: Request) -> ReservationService:
     return request.app.state.services.reservations
 
 
