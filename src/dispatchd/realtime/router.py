@@ -73,7 +73,7 @@ async def stream_principal(
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> tuple[Principal, list[str] | None]:
     """The caller and, for a stream token, the topics it is bound to."""
-    rt = realtime(request)
+    rt = await realtime(request)
     if token is not None:
         claims = await rt.tokens.verify(token)
         await rt.require_active(claims.principal)
