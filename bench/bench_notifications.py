@@ -36,13 +36,14 @@ Celery: messages in Redis's unacked set).
 
 Usage: ``python -m bench.bench_notifications [--quick] [--messages N] [--fail-rate 0.2]
 [--latency-ms 5] [--concurrency 32] [--celery-pool prefork|threads] [--processes 16] [--kill-at 0.4]
-[--timeout S] [--systems both|dispatchd|celery] [--skip-kill]``
+[--timeout S] [--systems both|dispatchd|celery] [--skip-kill] [--profile SVG]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,16 @@ from sqlalchemy import delete, func, select
 from bench.common import free_port, fresh_database, machine, postgres_version
 from bench.notifications_celery import REDIS_URL, run_celery
 from bench.notifications_outcome import Outcome, celery_pool, load, ratio, row, scenario
-from bench.notifications_procs import PHONE_NUMBER_ID, http_ok, run_folder, shutdown, sigkill, spawn, wait_for
+from bench.notifications_procs import (
+    PHONE_NUMBER_ID,
+    CpuAcrossRestarts,
+    http_ok,
+    run_folder,
+    shutdown,
+    sigkill,
+    spawn,
+    wait_for,
+)
 from dispatchd.core.db import Database
 from dispatchd.core.logging import configure_logging
 from dispatchd.notifications import outbox
@@ -123,8 +133,18 @@ async def run_dispatchd(
     logs = run_folder(logs, "dispatchd", kill)
     workers = DispatchdWorker(database_url, str(fake.base_url).rstrip("/"), args.concurrency, logs)
     await workers.start()
+    cpu = CpuAcrossRestarts()
+    profiler = None
+    if args.profile and not kill:
+        # a flame graph of the server while it delivers (py-spy samples it from outside, 100 Hz)
+        profiler = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "-o", args.profile, "--pid",
+             str(workers.process.pid), "--subprocesses", "--nonblocking", "--rate", "100"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     try:
         started = time.time()
+        cpu.start(workers.process.pid)
         async with db.transaction() as session:
             expires = session.info["now"] + timedelta(days=1)
             ids = await outbox.enqueue(
@@ -144,15 +164,20 @@ async def run_dispatchd(
         killed = False
         while time.monotonic() < deadline:
             unique = (await fake.get("/stats")).json()["unique"]
+            cpu.observe(unique, args.messages)
             if kill and not killed and unique >= args.kill_at * args.messages:
+                cpu.stop()
                 sigkill(workers.process)
                 killed = True
                 outcome.in_flight_at_kill = (await open_rows(db)).get(NotificationStatus.SENDING, 0)
                 await workers.start()
+                cpu.start(workers.process.pid)
             if not await open_rows(db):  # every row final: nothing more will be sent
                 outcome.finished = True
                 break
             await asyncio.sleep(0.05)
+        outcome.cpu_s = cpu.stop()
+        outcome.window_cpu_ms = cpu.window_ms_per_message()
         outcome.stats = (await fake.get("/stats", params={"ids": 1, "times": 1})).json()
         left = await open_rows(db)
         if left:
@@ -166,6 +191,9 @@ async def run_dispatchd(
         outcome.notes.append(f"circuit breaker opened {openings}×" if openings else "breaker never opened")
         return outcome
     finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes the SVG on SIGINT
+            profiler.wait(timeout=60)
         if workers.process is not None:
             shutdown(workers.process)
         await db.dispose()
@@ -188,6 +216,9 @@ async def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per run")
     parser.add_argument("--seed", type=int, default=4, help="seed of the fake's failure draw")
     parser.add_argument("--skip-kill", action="store_true", help="only the undisturbed runs")
+    parser.add_argument(
+        "--profile", metavar="SVG", help="record a py-spy flame graph of dispatchd's undisturbed run here"
+    )
     parser.add_argument(
         "--systems", choices=["both", "dispatchd", "celery"], default="both", help="which systems to run"
     )
@@ -233,9 +264,10 @@ async def main() -> None:
     print()
     print(
         "| system | scenario | messages | end-to-end | completion rate | sustained rate (10 %→70 % of ids) "
-        "| 80 % / 99 % / 100 % of ids after (s) | calls / 503s | lost | duplicates | notes |"
+        "| 80 % / 99 % / 100 % of ids after (s) | calls / 503s | server CPU per message: run / 10→70 % | lost | duplicates "
+        "| notes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for outcome in outcomes:
         print(row(outcome))
     if args.systems != "both":
@@ -243,7 +275,10 @@ async def main() -> None:
     ours, theirs = outcomes[0], outcomes[1]
     print(
         f"| dispatchd ÷ Celery | undisturbed | | | {ratio(ours.completion_rate, theirs.completion_rate)} "
-        f"| {ratio(ours.sustained_rate, theirs.sustained_rate)} | | | | | goal ≥ 2×, 0 lost |"
+        f"| {ratio(ours.sustained_rate, theirs.sustained_rate)} | | "
+        f"| {ratio(ours.cpu_ms_per_message, theirs.cpu_ms_per_message, None)} / "
+        f"{ratio(ours.window_cpu_ms, theirs.window_cpu_ms, None)} | | "
+        "| goal ≥ 2× the rate, 0 lost |"
     )
 
 

@@ -15,7 +15,15 @@ from pathlib import Path
 import httpx
 
 from bench.notifications_outcome import Outcome, celery_pool, scenario
-from bench.notifications_procs import PHONE_NUMBER_ID, run_folder, shutdown, sigkill, spawn, wait_for
+from bench.notifications_procs import (
+    PHONE_NUMBER_ID,
+    CpuAcrossRestarts,
+    run_folder,
+    shutdown,
+    sigkill,
+    spawn,
+    wait_for,
+)
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -71,9 +79,11 @@ async def run_celery(fake: httpx.AsyncClient, args: argparse.Namespace, kill: bo
         """(messages waiting in the queue, messages delivered to a worker and not acknowledged)."""
         return broker.llen("celery"), broker.hlen("unacked")
 
+    cpu = CpuAcrossRestarts()
     try:
         ids = [f"ntf_{uuid.uuid4().hex}" for _ in range(args.messages)]
         started = time.time()
+        cpu.start(workers.process.pid)
 
         def enqueue() -> None:
             for i, nid in enumerate(ids):
@@ -86,11 +96,14 @@ async def run_celery(fake: httpx.AsyncClient, args: argparse.Namespace, kill: bo
         empty_since: float | None = None
         while time.monotonic() < deadline:
             unique = (await fake.get("/stats")).json()["unique"]
+            cpu.observe(unique, args.messages)
             if kill and not killed and unique >= args.kill_at * args.messages:
+                cpu.stop()
                 sigkill(workers.process)
                 killed = True
                 outcome.in_flight_at_kill = held()[1]
                 await workers.start()
+                cpu.start(workers.process.pid)
             if enqueued.done() and held() == (0, 0):
                 # Redis holds nothing: done, or (if ids are missing) nothing will ever send them; a message
                 # between BRPOP and the unacked set is invisible for an instant, hence the grace period
@@ -101,6 +114,8 @@ async def run_celery(fake: httpx.AsyncClient, args: argparse.Namespace, kill: bo
             else:
                 empty_since = None
             await asyncio.sleep(0.05)
+        outcome.cpu_s = cpu.stop()
+        outcome.window_cpu_ms = cpu.window_ms_per_message()
         await enqueued
         outcome.stats = (await fake.get("/stats", params={"ids": 1, "times": 1})).json()
         waiting, unacked = held()

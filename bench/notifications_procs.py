@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.common import CpuMeter
+
 ROOT = Path(__file__).resolve().parents[1]
 PHONE_NUMBER_ID = "1234567890"  # the sender both systems use at the fake WhatsApp
 
@@ -55,6 +57,46 @@ def shutdown(process: subprocess.Popen, timeout_s: float = 20) -> None:
         sigkill(process)
     except ProcessLookupError:
         process.wait(timeout=5)
+
+
+class CpuAcrossRestarts:
+    """Server CPU seconds of one system over a run, across the restart after a kill: ``start(pid)`` after
+    each (re)start, ``stop()`` just before a kill or at the end (a killed process's CPU can no longer be
+    read, so it is banked first)."""
+
+    def __init__(self) -> None:
+        self.banked = 0.0
+        self.meter: CpuMeter | None = None
+        self.marks: dict[float, tuple[int, float]] = {}
+
+    def start(self, pid: int) -> None:
+        self.meter = CpuMeter(pid)
+
+    def stop(self) -> float:
+        if self.meter is not None:
+            self.banked += self.meter.seconds()
+            self.meter = None
+        return self.banked
+
+    def total(self) -> float:
+        """CPU seconds so far (banked, plus the running process's)."""
+        return self.banked + (self.meter.seconds() if self.meter is not None else 0.0)
+
+    def observe(self, delivered: int, messages: int) -> None:
+        """Called as the run goes with the distinct ids delivered so far: notes the CPU when 10 % and 70 %
+        of ``messages`` were delivered (the sustained window, without start-up and the retry tail)."""
+        marks = self.marks
+        for share in (0.1, 0.7):
+            if share not in marks and delivered >= share * messages:
+                marks[share] = (delivered, self.total())
+
+    def window_ms_per_message(self) -> float | None:
+        """Server CPU milliseconds per message delivered between the 10 % and 70 % marks."""
+        marks = self.marks
+        if 0.1 not in marks or 0.7 not in marks or marks[0.7][0] <= marks[0.1][0]:
+            return None
+        (low_n, low_s), (high_n, high_s) = marks[0.1], marks[0.7]
+        return (high_s - low_s) * 1000 / (high_n - low_n)
 
 
 def tail(log: Path) -> str:
