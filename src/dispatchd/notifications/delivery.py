@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,11 +45,29 @@ from typing import Any
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
-from sqlalchemy import ColumnElement, case, literal, null, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    String,
+    Text,
+    case,
+    cast,
+    column,
+    func,
+    literal,
+    null,
+    true,
+    update,
+)
+from sqlalchemy import (
+    values as values_of,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from dispatchd.core import events, metrics, topics
 from dispatchd.core.db import Database, retry_transient
 from dispatchd.core.logging import get_logger
+from dispatchd.core.types import UTCDateTime
 from dispatchd.notifications import claim, pacing, policy
 from dispatchd.notifications.breaker import CircuitBreaker
 from dispatchd.notifications.channels.base import (
@@ -91,6 +110,72 @@ def _unless_cancelled(values: dict[str, Any]) -> dict[str, Any]:
         column_type = Notification.__table__.c.next_attempt_at.type
         guarded["next_attempt_at"] = case((moot, null()), else_=literal(after, column_type))
     return guarded
+
+
+_UNSENT_COLUMNS = (
+    column("id", String),
+    column("lease", Integer),
+    column("status", String),
+    column("next_at", UTCDateTime()),
+    column("attempts", Integer),
+    column("last_error", Text),
+    column("error_code", String),
+    column("error_kind", String),
+    column("failed_at", UTCDateTime()),
+)
+
+
+async def record_unsent(session: AsyncSession, changes: list[tuple[Member, dict[str, Any]]]) -> set[str]:
+    """Write the outcome of many sends that did not succeed in one ``UPDATE … FROM (VALUES …) RETURNING``;
+    return the ids written (those whose lease ``member.attempts`` is still held).
+
+    Each change's ``values`` hold ``status``, ``next_attempt_at`` (UTC or None) and, for a failed send,
+    ``last_error``, ``error_code``, ``error_kind``, ``failed_at`` (kept as they were when absent) and
+    ``attempts`` (given back when the failure was the channel's or the pacing's; else unchanged). A row made
+    moot while in flight (``cancel_reason``) becomes CANCELLED instead, with no next attempt."""
+    if not changes:
+        return set()
+    rows = [
+        (
+            member.id,
+            member.attempts,
+            values["status"],
+            values.get("next_attempt_at"),
+            values.get("attempts", member.attempts),
+            values.get("last_error"),
+            values.get("error_code"),
+            values.get("error_kind"),
+            values.get("failed_at"),
+        )
+        for member, values in changes
+    ]
+    v = values_of(*_UNSENT_COLUMNS, name="outcome").data(rows).cte("outcome")
+    table = Notification.__table__
+    postgres = session.bind.dialect.name == "postgresql"
+
+    def stamp(value):  # PostgreSQL types a column of VALUES that holds only NULLs as text
+        return cast(value, UTCDateTime()) if postgres else value
+
+    moot = table.c.cancel_reason.is_not(None)
+    statement = (
+        table.update()
+        .where(
+            table.c.id == v.c.id,
+            table.c.status == NotificationStatus.SENDING.value,
+            table.c.attempts == v.c.lease,
+        )
+        .values(
+            status=case((moot, NotificationStatus.CANCELLED.value), else_=v.c.status),
+            next_attempt_at=case((moot, null()), else_=stamp(v.c.next_at)),
+            attempts=v.c.attempts,
+            last_error=func.coalesce(v.c.last_error, table.c.last_error),
+            error_code=func.coalesce(v.c.error_code, table.c.error_code),
+            error_kind=func.coalesce(v.c.error_kind, table.c.error_kind),
+            failed_at=func.coalesce(stamp(v.c.failed_at), table.c.failed_at),
+        )
+        .returning(table.c.id)
+    )
+    return set((await session.execute(statement)).scalars().all())
 
 
 class DeliveryWorker:
@@ -210,16 +295,17 @@ class DeliveryWorker:
         now = self.db.clock.now()
         changes: list[tuple[Member, dict[str, Any]]] = []
         sent: list[dict[str, Any]] = []
+        counts: Counter[tuple[str, str]] = Counter()
         for item, outcome in outcomes:
             if outcome is None:
-                metrics.NOTIFICATIONS.labels(name, "expired", "").inc(len(item.members))
+                counts["expired", ""] += len(item.members)
                 expired = {"status": NotificationStatus.EXPIRED.value, "next_attempt_at": None}
                 changes += [(member, expired) for member in item.members]
             elif isinstance(outcome, ChannelError):
-                changes += self._after_error(lane, item, outcome, now, probing)
+                changes += self._after_error(lane, item, outcome, now, probing, counts)
             else:
                 lane.breaker.record(True)
-                metrics.NOTIFICATIONS.labels(name, "sent", "").inc(len(item.members))
+                counts["sent", ""] += len(item.members)
                 sent += [
                     {
                         "b_id": member.id,
@@ -230,6 +316,8 @@ class DeliveryWorker:
                     }
                     for member in item.members
                 ]
+        for (outcome_name, kind), count in counts.items():
+            metrics.NOTIFICATIONS.labels(name, outcome_name, kind).inc(count)
         called = {item.message.recipient for item, outcome in outcomes if outcome is not None}
         skipped = {item.message.recipient for item, outcome in outcomes if outcome is None} - called
         await self._write_outcomes(changes, sent, called, skipped, now)
@@ -244,16 +332,25 @@ class DeliveryWorker:
         now: datetime,
     ) -> None:
         """One transaction, safe to repeat after a deadlock: every row write is guarded by the lease. The
-        phones called get their next slot ``recipient_interval_s`` after the provider's answer (Meta counts
-        from its acceptance); the phones whose message was not sent get theirs back at once."""
+        sent rows are one ``UPDATE`` executed for many rows, the others one ``UPDATE … FROM (VALUES …)
+        RETURNING`` (:func:`record_unsent`), whatever their outcomes; a re-send as a template (its new
+        payload) is written alone. The phones called get their next slot ``recipient_interval_s`` after the
+        provider's answer (Meta counts from its acceptance); the phones whose message was not sent get
+        theirs back at once."""
         async with self.db.transaction() as session:
+            batched = [(member, values) for member, values in changes if "payload" not in values]
+            written = await record_unsent(session, batched)
             for member, values in changes:
-                written = await session.execute(
-                    current_lease(update(Notification), member).values(**_unless_cancelled(values))
-                )
+                if "payload" in values:
+                    result = await session.execute(
+                        current_lease(update(Notification), member).values(**_unless_cancelled(values))
+                    )
+                    if result.rowcount:
+                        written.add(member.id)
+            for member, values in changes:
                 event_type = _DELIVERY_EVENTS.get(values["status"])
                 if (
-                    written.rowcount and event_type and "attempts" not in values
+                    member.id in written and event_type and "attempts" not in values
                 ):  # not paced, not channel down
                     events.append(session, topics.NOTIFICATIONS, event_type, _failure(member, values))
             if sent:
@@ -268,9 +365,16 @@ class DeliveryWorker:
                 await pacing.set_next_slots(session, skipped, now)
 
     def _after_error(
-        self, lane: Lane, item: Claimed, error: ChannelError, now: datetime, probing: bool
+        self,
+        lane: Lane,
+        item: Claimed,
+        error: ChannelError,
+        now: datetime,
+        probing: bool,
+        counts: Counter[tuple[str, str]],
     ) -> list[tuple[Member, dict[str, Any]]]:
-        """The breaker and metrics for one failed send, and each carried row's next state."""
+        """The breaker and metrics (``counts``: outcome and error kind → rows) for one failed send, and
+        each carried row's next state."""
         c = error.classification
         name = lane.channel.name
         common = {
@@ -285,7 +389,7 @@ class DeliveryWorker:
         if c.code == PAIR_RATE_LIMIT:
             # Meta refused only because this phone got a message too recently: not a failure of the
             # message nor of the channel. It keeps its attempt and waits for the phone's next slot.
-            metrics.NOTIFICATIONS.labels(name, "paced", c.kind.value).inc(len(item.members))
+            counts["paced", c.kind.value] += len(item.members)
             return [
                 (
                     member,
@@ -302,7 +406,7 @@ class DeliveryWorker:
         if channel_failed:
             # the channel is down, not this message: it keeps its attempt and waits for the circuit
             lane.breaker.record(False, opens=c.opens_circuit, reason=f"{c.code}: {error}"[:200])
-            metrics.NOTIFICATIONS.labels(name, "channel_down", c.kind.value).inc(len(item.members))
+            counts["channel_down", c.kind.value] += len(item.members)
             return [
                 (
                     member,
@@ -317,17 +421,22 @@ class DeliveryWorker:
             ]
         lane.breaker.record(c.kind not in (ErrorKind.TEMPORARY, ErrorKind.UNKNOWN))
         return [
-            (member, {**common, **self._next_state(name, item, member, c, now)}) for member in item.members
+            (member, {**common, **self._next_state(item, member, c, now, counts)}) for member in item.members
         ]
 
     def _next_state(
-        self, name: str, item: Claimed, member: Member, c: Classification, now: datetime
+        self,
+        item: Claimed,
+        member: Member,
+        c: Classification,
+        now: datetime,
+        counts: Counter[tuple[str, str]],
     ) -> dict[str, Any]:
         category = item.message.category
         if c.kind is ErrorKind.WINDOW_CLOSED:
             template = self.templates.get(category)
             if template and not (member.payload or {}).get("template"):
-                metrics.NOTIFICATIONS.labels(name, "template", c.kind.value).inc()
+                counts["template", c.kind.value] += 1
                 parameters = [member.body[:1000]] if template.get("body_parameter", True) else []
                 payload = {**(member.payload or {}), "template": {**template, "parameters": parameters}}
                 return {
@@ -340,7 +449,7 @@ class DeliveryWorker:
             NotificationStatus.FAILED: "retry",
             NotificationStatus.EXPIRED: "expired",
         }.get(decision.status, "failed")
-        metrics.NOTIFICATIONS.labels(name, outcome, c.kind.value).inc()
+        counts[outcome, c.kind.value] += 1
         return {"status": decision.status.value, "next_attempt_at": decision.next_attempt_at}
 
     async def run_forever(self, stop: asyncio.Event, *, idle_s: float = 1.0) -> None:
