@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -60,9 +61,12 @@ def create_app(
     run_migrations: bool = True,
     background: bool = True,
     services: Services | None = None,
+    skip_loops: Collection[str] = (),
 ) -> FastAPI:
     """Build the application. ``background=False`` leaves the sweeper and the domains' loops to the
-    caller (tests drive them with ``run_once`` and a manual clock); ``services`` shares built ones."""
+    caller (tests drive them with ``run_once`` and a manual clock); ``services`` shares built ones;
+    ``skip_loops`` names background loops this process does not run (``{"delivery"}``: `dispatchd
+    worker` processes deliver)."""
     settings = settings or load_settings()
     services = services or build_services(settings, clock)
 
@@ -77,9 +81,15 @@ def create_app(
             loops = {"sweeper": services.sweeper.run_forever}
             for domain in services.domains:
                 loops.update(domain.background)
+            loops = {name: run for name, run in loops.items() if name not in skip_loops}
             tasks = [asyncio.create_task(run(stop), name=name) for name, run in loops.items()]
         log.info(
-            "dispatchd started", version=__version__, database=services.db.dialect, background=background
+            "dispatchd started",
+            version=__version__,
+            database=services.db.dialect,
+            background=background,
+            loops=sorted(task.get_name() for task in tasks),
+            pid=os.getpid(),
         )
         try:
             yield

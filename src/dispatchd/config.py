@@ -39,6 +39,21 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="`dispatchd serve` processes sharing the port (uvicorn's supervisor); more than 1 needs "
+        "PostgreSQL",
+    )
+    serve_delivery: bool = Field(
+        default=True,
+        description="`dispatchd serve` runs the outbox delivery loop; false leaves it to `dispatchd worker` "
+        "(PostgreSQL)",
+    )
+    worker_processes: int = Field(
+        default=1, ge=1, le=256, description="`dispatchd worker` processes (PostgreSQL only)"
+    )
     max_body_bytes: int = Field(
         default=1_048_576,
         ge=1024,

@@ -3,6 +3,8 @@ component report ``/v1/health`` (seed 000 "Health checks"). They read ``app.stat
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,7 +19,9 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health", summary="Liveness: the process answers")
 async def liveness() -> dict:
-    return {"status": "ok", "version": __version__}
+    """``{"status": "ok", "version", "pid"}``: ``pid`` tells apart the processes of ``serve --workers N``
+    answering on one port."""
+    return {"status": "ok", "version": __version__, "pid": os.getpid()}
 
 
 @router.get("/ready", summary="Readiness: database reachable, sweeper alive, not lagging")

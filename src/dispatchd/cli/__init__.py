@@ -1,10 +1,10 @@
-"""The ``dispatchd`` command line (Typer): serve, migrate, keys, resources, reservations, notifications,
-reports, fake-whatsapp, replay.
+"""The ``dispatchd`` command line (Typer): serve, worker, migrate, keys, resources, reservations,
+notifications, reports, fake-whatsapp, replay.
 
 ``app`` is the console script (``dispatchd = "dispatchd.cli:app"``) and what ``python -m dispatchd``
-runs. Commands live by group: :mod:`~dispatchd.cli.server` (serve, migrate), :mod:`~dispatchd.cli.keys`,
-:mod:`~dispatchd.cli.reservations` (resources import, reservations export),
-:mod:`~dispatchd.cli.notifications`, :mod:`~dispatchd.cli.reports`, :mod:`~dispatchd.cli.devtools`
+runs. Commands live by group: :mod:`~dispatchd.cli.server` (serve, migrate), :mod:`~dispatchd.cli.worker`
+(worker), :mod:`~dispatchd.cli.keys`, :mod:`~dispatchd.cli.reservations` (resources import, reservations
+export), :mod:`~dispatchd.cli.notifications`, :mod:`~dispatchd.cli.reports`, :mod:`~dispatchd.cli.devtools`
 (fake-whatsapp, replay). Every command that opens the database goes through
 :func:`dispatchd.cli.common.with_db`. Exit codes: 0 done, 1 refused or failed (the reason on stderr), 2 bad
 settings or options.
@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from dispatchd import __version__
-from dispatchd.cli import devtools, keys, notifications, reports, reservations, server
+from dispatchd.cli import devtools, keys, notifications, reports, reservations, server, worker
 from dispatchd.cli.common import console
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command()(server.serve)
+app.command()(worker.worker)
 app.command()(server.migrate)
 app.command("fake-whatsapp")(devtools.fake_whatsapp)
 app.command()(devtools.replay)

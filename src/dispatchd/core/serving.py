@@ -94,3 +94,18 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def share_rate(rate: str | None, processes: int) -> str | None:
+    """One process's share of a drain rate in ``limits`` syntax: ``share_rate("80/second", 3)`` →
+    ``"26 per 1 second"`` (rounded down, at least 1), so that ``processes`` processes together stay
+    within ``rate``. ``None`` or ``""`` (no limit) and one process: ``rate`` unchanged.
+
+    Why: each process keeps its own limiter in memory (``notifications.delivery.Lane``), so N processes
+    each draining ``DISPATCHD_CHANNEL_RATE`` would send N times Meta's allowance."""
+    if not rate or processes <= 1:
+        return rate
+    from limits import parse
+
+    item = parse(rate)
+    return f"{max(1, item.amount // processes)} per {item.multiples} {item.GRANULARITY.name}"
