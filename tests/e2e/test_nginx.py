@@ -15,15 +15,18 @@ instance answered each request: every scenario asserts that both did.
 * the last-seat race: 100 concurrent reservations (a third for 2 places) of a resource of 10: never
   overbooked, refusals 409 ``RESOURCE_FULL``, no 5xx;
 * the notification crash (last: it kills an instance): 200 outbox messages sent by both instances to the
-  fake; one instance is killed with SIGKILL mid-delivery while clients keep reading through nginx. Every
-  read succeeds (nginx retries an idempotent request on the other instance), every message ends SENT at
-  the fake, none lost, duplicates bounded by the rows in flight at the kill.
+  fake; one instance is killed with SIGKILL mid-delivery while clients keep reading and reserving through
+  nginx. Every read succeeds (nginx retries an idempotent request on the other instance); a reservation
+  is answered 201 or, if its instance died with it, 502 (nginx does not retry a POST), and sent again with
+  its Idempotency-Key it is booked once. Every message ends SENT at the fake, none lost, duplicates
+  bounded by the rows in flight at the kill.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import subprocess
 import sys
 import time
@@ -97,6 +100,7 @@ class Stack:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     nginx_binary()  # skip (or fail in CI) first, before starting anything
+    began = time.monotonic()
     try:
         url = await asyncio.wait_for(_create_postgres_database("dispatchd_nginx"), 30)
     except Exception as exc:
@@ -130,6 +134,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             tmp / "fake.log",
         )  # fmt: skip
         processes.append(fake)
+        database_s = time.monotonic() - began
         started = await asyncio.gather(
             serve(tmp, "serve-a", env), serve(tmp, "serve-b", env), return_exceptions=True
         )
@@ -150,6 +155,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
                 return False
 
         await wait_until(fake_up, 15, "the fake WhatsApp server", interval_s=0.05)
+        servers_s = time.monotonic() - began - database_s
+        print(f"\nstack: database {database_s:.1f} s, then servers and nginx {servers_s:.1f} s")
         yield Stack(nginx, servers, url, fake_url, db)
     finally:
         if nginx is not None:
@@ -344,6 +351,8 @@ async def test_an_instance_killed_mid_delivery_loses_no_message_and_nginx_keeps_
     async with stack.session() as http:
         async with http.post("/v1/resources", json={"type": "seat", "name": "Read", "capacity": 1}) as made:
             resource_id = (await made.json())["id"]
+        async with http.post("/v1/resources", json={"type": "seat", "name": "W", "capacity": 10**6}) as made:
+            written_id = (await made.json())["id"]
         enqueued_at = time.monotonic()
         async with stack.db.transaction() as session:
             ids = await outbox.enqueue(
@@ -364,7 +373,30 @@ async def test_an_instance_killed_mid_delivery_loses_no_message_and_nginx_keeps_
                     await answer.read()
                     reads.append((time.monotonic(), answer.status))
 
+        # …and keep reserving, each reservation with its Idempotency-Key. nginx does not retry a POST
+        # that reached the killed instance (it may have been applied): the client gets 502 and sends it
+        # again with the same key, which books it once.
+        writes: list[tuple[str, list[int]]] = []  # (key, the status of each attempt)
+
+        async def writer(number: int) -> None:
+            for n in itertools.count():
+                if stop_reading.is_set():
+                    return
+                key = f"kill-{number}-{n}"
+                attempts: list[int] = []
+                writes.append((key, attempts))
+                while not attempts or attempts[-1] != 201:
+                    assert len(attempts) < 5, (key, attempts)
+                    async with http.post(
+                        "/v1/reservations",
+                        json={"resource_id": written_id, "client_id": key, "quantity": 1},
+                        headers={"Idempotency-Key": key},
+                    ) as answer:
+                        await answer.read()
+                        attempts.append(answer.status)
+
         readers = [asyncio.create_task(reader()) for _ in range(6)]
+        readers += [asyncio.create_task(writer(number)) for number in range(2)]
         try:
 
             async def mid_delivery() -> dict[str, int] | None:
@@ -398,6 +430,20 @@ async def test_an_instance_killed_mid_delivery_loses_no_message_and_nginx_keeps_
         final = await wait_until(all_final, 30, "every message in a final state", interval_s=0.1)
         final_at = time.monotonic()
 
+    first_tries = collections.Counter(attempts[0] for _, attempts in writes)
+    assert set(first_tries) <= {201, 502}, first_tries  # a POST is answered, or lost with its instance
+    async with stack.db.read() as session:
+        booked = collections.Counter(
+            (
+                await session.scalars(
+                    select(Reservation.client_id).where(Reservation.resource_id == written_id)
+                )
+            ).all()
+        )
+        written = await session.get(Resource, written_id)
+    assert booked == {key: 1 for key, _ in writes}  # each reservation once, retried or not
+    assert written.reserved == len(writes)
+
     async with httpx.AsyncClient(timeout=10) as fake:
         stats = (await fake.get(f"{stack.fake_url}/stats", params={"ids": 1})).json()
     counts = {nid: n for nid, n in stats["counts"].items() if nid in set(ids)}
@@ -410,7 +456,8 @@ async def test_an_instance_killed_mid_delivery_loses_no_message_and_nginx_keeps_
         f"(≤ {in_flight} in flight); reads: {dict(statuses)}, "
         f"{sum(1 for at, _ in reads if at > killed_at)} after the kill, {len(retried)} retried by nginx; "
         f"killed {killed_at - enqueued_at:.1f} s after the messages were written, all SENT "
-        f"{final_at - killed_at:.1f} s after the kill"
+        f"{final_at - killed_at:.1f} s after the kill; reservations: {len(writes)}, first answers "
+        f"{dict(first_tries)}"
     )
 
     # nginx kept answering: every read succeeded, some by retrying on the survivor
