@@ -9,7 +9,7 @@ import asyncio
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -100,9 +100,13 @@ def _parse_utc(value: Any) -> datetime | None:
 class _ReplayBase:
     """A replay's state, its API calls and its background tasks (the rest of ``_Replay``)."""
 
-    def __init__(self, options: ReplayOptions, console: Console) -> None:
+    def __init__(
+        self, options: ReplayOptions, console: Console, clock: Callable[[], datetime] | None = None
+    ) -> None:
         self.options = options
         self.console = console
+        #: the drivers' wall clock (UTC), compared with the server's ``expires_at``: same machine or NTP
+        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.rng = random.Random(options.seed)
         self.started = time.monotonic()
         self.started_at = datetime.now(UTC)  # ``since`` of the outbox summary
@@ -136,6 +140,10 @@ class _ReplayBase:
         self.whatsapp_messages_seen = 0
         self.whatsapp_offers_seen = 0
         self.taps: Counter[str] = Counter()
+        # offers lost to server lag (events fleet): see ReplaySummary
+        self.answers_sent_before_expiry = 0
+        self.answers_sent_after_expiry = 0
+        self.offers_lost_to_server_lag = 0
 
     @property
     def whatsapp(self) -> bool:

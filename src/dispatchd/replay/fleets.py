@@ -14,7 +14,8 @@ from typing import Any
 
 from dispatchd.client import StreamError, StreamEvent, StreamRefused, stream
 from dispatchd.core.geo import haversine_km
-from dispatchd.replay.base import FINAL_STATUSES, _Answer, _Driver, _ReplayBase
+from dispatchd.replay.base import FINAL_STATUSES, _Answer, _Driver, _parse_utc, _ReplayBase
+from dispatchd.replay.summary import lost_to_server_lag
 from dispatchd.replay.trace import response_latency_trace_s, trip_duration_trace_s
 from dispatchd.replay.whatsapp import (
     SIGNATURE_HEADER,
@@ -167,6 +168,8 @@ class _Fleets(_ReplayBase):
             return
         await asyncio.sleep(latency_s / self.options.speed)
         kind = "ACCEPT" if wants and not driver.busy else "REJECT"
+        expires_at = _parse_utc(offer.get("expires_at"))
+        sent_at = self.clock()
         answer = await self._call(
             "POST",
             f"/v1/bookings/{booking_id}/responses",
@@ -177,8 +180,21 @@ class _Fleets(_ReplayBase):
             return
         action = str(answer.body.get("action"))
         self.actions[action] += 1
+        self._count_timeliness(sent_at, expires_at, action)
         if action == "ASSIGNED":
             await self._drive(driver, booking_id, offer)
+
+    def _count_timeliness(self, sent_at: Any, expires_at: Any, action: str) -> None:
+        """Count one answered offer: sent before or after its ``expires_at``, and lost to server lag
+        (sent before, answered OFFER_EXPIRED). An offer without ``expires_at`` is not counted."""
+        if expires_at is None:
+            return
+        if sent_at < expires_at:
+            self.answers_sent_before_expiry += 1
+        else:
+            self.answers_sent_after_expiry += 1
+        if lost_to_server_lag(sent_at, expires_at, action):
+            self.offers_lost_to_server_lag += 1
 
     async def _drive(self, driver: _Driver, booking_id: str, offer: dict[str, Any]) -> None:
         # A completion already in flight does not count: the server may have committed it before answering.

@@ -436,6 +436,10 @@ class _Replay(_Fleets):
         summary.outbox = await self._wait_outbox()
         summary.peak_backlog = self.peak_backlog
         summary.fleet = self.options.fleet
+        if not self.whatsapp:
+            summary.answers_sent_before_expiry = self.answers_sent_before_expiry
+            summary.answers_sent_after_expiry = self.answers_sent_after_expiry
+            summary.offers_lost_to_server_lag = self.offers_lost_to_server_lag
         if self.whatsapp:
             summary.whatsapp_messages_seen = self.whatsapp_messages_seen
             summary.whatsapp_offers_seen = self.whatsapp_offers_seen

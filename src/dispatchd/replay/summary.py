@@ -15,6 +15,18 @@ from dispatchd.notifications import report
 FLEETS = ("events", "whatsapp")
 
 
+#: the server's answer to a response it processed at or after the offer's ``expires_at``
+#: (:class:`dispatchd.matching.types.Action`)
+OFFER_EXPIRED = "OFFER_EXPIRED"
+
+
+def lost_to_server_lag(sent_at: datetime, expires_at: datetime, action: str) -> bool:
+    """Whether one answer is an offer lost to server lag: the driver sent it (``sent_at``, UTC) before the
+    offer's ``expires_at`` (UTC), and the server answered ``OFFER_EXPIRED``, i.e. processed it at or after
+    ``expires_at``. An answer sent at or after ``expires_at`` is the driver's lateness, never counted."""
+    return sent_at < expires_at and action == OFFER_EXPIRED
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Options and summary
 
@@ -81,6 +93,13 @@ class ReplaySummary:
     growth of ``GET /v1/notifications`` ``total`` during the run (None when unreadable).
     ``aborted`` holds the reason when the replay could not run.
 
+    Offers lost to server lag (events fleet; None for the WhatsApp fleet, whose taps get no answer):
+    ``answers_sent_before_expiry`` answers a driver sent (its clock, UTC, when it tapped) before the
+    offer's ``expires_at`` (from ``OfferSent``), ``offers_lost_to_server_lag`` those of them the server
+    answered ``OFFER_EXPIRED`` (it processed them after the offer expired: :func:`lost_to_server_lag`),
+    ``answers_sent_after_expiry`` answers sent when the offer had already expired (the driver, or the
+    event stream, was late: not the server's answer path). Must be 0: ``offers_lost_to_server_lag``.
+
     The outbox: ``outbox`` is ``GET /v1/notifications/summary`` read at the end with ``since`` = the
     replay's start (shape in :mod:`dispatchd.notifications.report`: messages by category and state,
     written → sent p50/p99/max by category in seconds, open rows, open rows past expiry, customer and
@@ -125,6 +144,9 @@ class ReplaySummary:
     taps_sent: dict[str, int] = field(default_factory=dict)
     fake_stats: dict[str, Any] | None = None
     pair_limit_hits: int | None = None
+    answers_sent_before_expiry: int | None = None
+    answers_sent_after_expiry: int | None = None
+    offers_lost_to_server_lag: int | None = None
 
     @property
     def must_deliver_unsent(self) -> dict[str, int]:
@@ -182,6 +204,18 @@ class ReplaySummary:
             ("offers rejected", str(self.offers_rejected)),
             ("offers timed out", str(self.offers_timed_out)),
             ("offers ignored by drivers", str(self.offers_ignored)),
+            (
+                "offers lost to server lag",
+                "—"
+                if self.offers_lost_to_server_lag is None
+                else must_be_zero(self.offers_lost_to_server_lag),
+            ),
+            (
+                "answers sent before / after expiry",
+                "—"
+                if self.answers_sent_before_expiry is None
+                else f"{self.answers_sent_before_expiry} / {self.answers_sent_after_expiry}",
+            ),
             ("fleet", self.fleet),
         ]
         if self.fleet == "whatsapp":
