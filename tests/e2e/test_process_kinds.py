@@ -28,6 +28,7 @@ from dispatchd.notifications.models import OPEN_STATUSES, Notification, Notifica
 from dispatchd.notifications.outbox import Message
 from tests.conftest import ADMIN_KEY, free_port, reset_postgres
 from tests.factories import post_resource
+from tests.prom import sample
 
 ROOT = Path(__file__).resolve().parents[2]
 START_S = 120  # spawned processes import everything again: slow when the machine is busy
@@ -236,7 +237,8 @@ async def test_workers_deliver_every_message_once_and_a_killed_child_loses_nothi
         [started] = logged(serve_log, "dispatchd started")
         assert "delivery" not in started["loops"] and "sweeper" in started["loops"], started
 
-        worker = start(["worker", "--processes", "2"], worker_log, env)
+        metrics_port = free_port()
+        worker = start(["worker", "--processes", "2", "--metrics-port", str(metrics_port)], worker_log, env)
         processes.append(worker)
 
         async def two_started() -> bool:
@@ -270,6 +272,16 @@ async def test_workers_deliver_every_message_once_and_a_killed_child_loses_nothi
             stats = (await http.get("/stats", params={"ids": 1})).json()
             assert set(stats["counts"]) == set(calm)  # none lost
             assert stats["duplicates"] == 0 and set(stats["counts"].values()) == {1}
+            sent_by = [  # process i's counters on --metrics-port + i
+                sample(
+                    (await http.get(f"http://127.0.0.1:{metrics_port + i}/metrics")).text,
+                    "dispatchd_notifications_total",
+                    channel="whatsapp_cloud",
+                    outcome="sent",
+                )
+                for i in (0, 1)
+            ]
+            assert sum(sent_by) == 200 and all(sent_by), sent_by  # both processes took a share
 
             # 2. SIGKILL one child mid-batch: its claimed rows come back after their lease; none lost.
             before = set(stats["counts"])
