@@ -10,6 +10,7 @@ Debian's package).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import _unavailable
 
@@ -127,7 +129,7 @@ class Nginx:
     def error_log(self) -> Path:
         return self.directory / "error.log"
 
-    def log_lines(self) -> list[dict[str, str]]:
+    def log_lines(self) -> list[dict[str, Any]]:
         """The access log, one dict per request (fields of the ``dispatchd`` log_format; ``upstreams`` is
         the list of instances tried, in order)."""
         lines = []
@@ -140,6 +142,17 @@ class Nginx:
             ]
             lines.append(line)
         return lines
+
+    async def lines_for(self, uri: str, count: int, timeout_s: float = 5) -> list[dict[str, Any]]:
+        """The access log's lines for ``uri`` once there are ``count`` of them, or those there are after
+        ``timeout_s``: nginx writes a request's line after sending its answer, so a client may read the
+        answer first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in self.log_lines() if line["uri"] == uri]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            await asyncio.sleep(0.02)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -88,13 +88,11 @@ class Stack:
         connector = aiohttp.TCPConnector(limit=limit, ssl=self.nginx.ssl_context)
         return aiohttp.ClientSession(self.nginx.url, connector=connector, headers=ADMIN, **kwargs)
 
-    def upstream_counts(self, uri: str) -> collections.Counter[str]:
-        """How many requests for ``uri`` each instance answered (the last one tried, per access log line)."""
-        return collections.Counter(
-            line["upstreams"][-1]
-            for line in self.nginx.log_lines()
-            if line["uri"] == uri and line["upstreams"]
-        )
+    async def upstream_counts(self, uri: str, count: int) -> collections.Counter[str]:
+        """How many of the (at least ``count``) requests for ``uri`` each instance answered (the last one
+        tried, per access log line)."""
+        lines = await self.nginx.lines_for(uri, count)
+        return collections.Counter(line["upstreams"][-1] for line in lines if line["upstreams"])
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -189,9 +187,7 @@ async def test_the_proxy_passes_request_ids_forwarded_proto_streams_and_websocke
             request_id = ready.headers["X-Request-ID"]
         # nginx's $request_id reached dispatchd, which echoed it: one id in both logs
         assert len(request_id) == 32 and int(request_id, 16) >= 0
-        assert [line["request_id"] for line in stack.nginx.log_lines() if line["uri"] == "/ready"] == [
-            request_id
-        ]
+        assert [line["request_id"] for line in await stack.nginx.lines_for("/ready", 1)] == [request_id]
 
         # X-Forwarded-Proto: https is trusted from 127.0.0.1, so console cookies are Secure through nginx…
         async with http.get("/console/sign-in") as page:
@@ -237,7 +233,7 @@ async def test_the_proxy_passes_request_ids_forwarded_proto_streams_and_websocke
         assert (await asyncio.wait_for(socket.recv(), 5)).find('"welcome"') >= 0
         await socket.send('{"op": "ping"}')
         assert '"pong"' in await asyncio.wait_for(socket.recv(), 5)
-    assert [line["status"] for line in stack.nginx.log_lines() if line["uri"] == "/v1/ws"] == ["101"]
+    assert [line["status"] for line in await stack.nginx.lines_for("/v1/ws", 1)] == ["101"]
 
 
 async def test_fifty_drivers_accept_at_once_through_nginx_one_wins(stack: Stack):
@@ -289,7 +285,7 @@ async def test_fifty_drivers_accept_at_once_through_nginx_one_wins(stack: Stack)
         ).all()
     assert (row.status, row.driver_id) == ("ASSIGNED", winner)
     assert [event.data["driver_id"] for event in assigned] == [winner]
-    served = stack.upstream_counts(f"/v1/bookings/{booking_id}/responses")
+    served = await stack.upstream_counts(f"/v1/bookings/{booking_id}/responses", DRIVERS)
     print(f"\naccept race: {dict(actions)}; answered per instance: {dict(served)}")
     assert sum(served.values()) == DRIVERS and set(served) == set(stack.servers), served
 
@@ -332,7 +328,7 @@ async def test_a_hundred_buyers_for_ten_places_through_nginx_never_overbook(stac
             )
         )
     assert row.reserved == stored == confirmed
-    served = stack.upstream_counts("/v1/reservations")
+    served = await stack.upstream_counts("/v1/reservations", BUYERS)
     assert sum(served.values()) >= BUYERS and set(served) == set(stack.servers), served
 
 
@@ -449,7 +445,7 @@ async def test_an_instance_killed_mid_delivery_loses_no_message_and_nginx_keeps_
     counts = {nid: n for nid, n in stats["counts"].items() if nid in set(ids)}
     duplicated = {nid: n for nid, n in counts.items() if n > 1}
     statuses = collections.Counter(status for _, status in reads)
-    lines = [line for line in stack.nginx.log_lines() if line["uri"] == f"/v1/resources/{resource_id}"]
+    lines = await stack.nginx.lines_for(f"/v1/resources/{resource_id}", len(reads))
     retried = [line for line in lines if len(line["upstreams"]) > 1]
     print(
         f"\nbefore kill: {before}; at kill: {at_kill}; final: {final}; duplicates: {len(duplicated)} "
@@ -462,7 +458,7 @@ async def test_an_instance_killed_mid_delivery_loses_no_message_and_nginx_keeps_
 
     # nginx kept answering: every read succeeded, some by retrying on the survivor
     assert statuses == {200: len(reads)}, statuses
-    assert {line["status"] for line in lines} == {"200"}
+    assert len(lines) == len(reads) and {line["status"] for line in lines} == {"200"}
     assert {line["upstreams"][-1] for line in lines} == set(stack.servers)  # both answered before the kill
     assert retried and all(line["upstreams"] == [victim, survivor] for line in retried), retried[:3]
     # every message SENT, none lost, duplicates only among the rows in flight at the kill
