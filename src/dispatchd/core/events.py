@@ -29,9 +29,11 @@ from dispatchd.core.topics import is_pattern
 from dispatchd.core.types import BigIntPK, UTCDateTime
 
 EVENT_LOG_LOCK = 0x6469737061746368  # "dispatch"
-#: PostgreSQL ``NOTIFY`` channel told at each commit that wrote events (the realtime hubs listen)
+#: PostgreSQL ``NOTIFY`` channel told at each commit that wrote events or outbox messages (the realtime
+#: hubs and the delivery of `dispatchd worker` processes listen)
 NOTIFY_CHANNEL = "dispatchd_events"
 _PENDING = "pending_events"
+_WAKE = "wake_listeners"
 
 
 class Event(Base):
@@ -74,10 +76,20 @@ def append(session: AsyncSession, topic: str, type_: str, data: dict[str, Any]) 
     )
 
 
+def wake_listeners(session: AsyncSession) -> None:
+    """Have the current unit of work ``NOTIFY`` :data:`NOTIFY_CHANNEL` at commit on PostgreSQL even if it
+    writes no event (one more round trip then): the outbox asks it, so that the delivery loop of a
+    `dispatchd worker` process, which listens there, claims a new message at once. Nothing on SQLite."""
+    session.info[_WAKE] = True
+
+
 async def flush(session: AsyncSession) -> int:
     """Insert the buffered events, serialised on PostgreSQL; return how many were written."""
     pending = session.info.pop(_PENDING, None)
+    wake = session.info.pop(_WAKE, False)
     if not pending:
+        if wake and session.bind.dialect.name == "postgresql":
+            await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
         return 0
     if session.bind.dialect.name == "postgresql":
         # One round trip: the lock, and a NOTIFY delivered at commit (once per transaction, never on

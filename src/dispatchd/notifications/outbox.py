@@ -96,6 +96,7 @@ async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
     ]
     await session.execute(Notification.__table__.insert(), rows)
     session.info["notifications_written"] = session.info.get("notifications_written", 0) + len(rows)
+    events.wake_listeners(session)  # delivery in other processes (`dispatchd worker`) is woken at commit
     raised: dict[str, list[str]] = {}
     for row in rows:
         if row["category"] == ADMIN_ALERT:
