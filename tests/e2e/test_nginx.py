@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import subprocess
 import sys
 import time
@@ -225,14 +226,14 @@ async def test_the_proxy_passes_request_ids_forwarded_proto_streams_and_websocke
                 line := await asyncio.wait_for(stream.content.readline(), 5)
             ) != b"event: ReservationConfirmed\n":
                 assert line, "the stream ended"
-            assert time.monotonic() - sent < 2
+            assert time.monotonic() - sent < 3  # a buffering proxy holds it until a buffer fills
 
     # WebSocket through nginx: the upgrade is passed, then ping/pong
     ws_url = stack.nginx.url.replace("https://", "wss://") + "/v1/ws"
     async with websockets.connect(ws_url, ssl=stack.nginx.ssl_context, additional_headers=ADMIN) as socket:
-        assert (await asyncio.wait_for(socket.recv(), 5)).find('"welcome"') >= 0
+        assert json.loads(await asyncio.wait_for(socket.recv(), 5))["op"] == "welcome"
         await socket.send('{"op": "ping"}')
-        assert '"pong"' in await asyncio.wait_for(socket.recv(), 5)
+        assert json.loads(await asyncio.wait_for(socket.recv(), 5))["op"] == "pong"
     assert [line["status"] for line in await stack.nginx.lines_for("/v1/ws", 1)] == ["101"]
 
 
