@@ -50,6 +50,7 @@ from dispatchd.notifications.outbox import Message
 from dispatchd.reservations.models import Reservation, Resource
 from tests.conftest import (
     ADMIN_KEY,
+    POSTGRES_URL,
     _create_postgres_database,
     _drop_postgres_database,
     _unavailable,
@@ -103,7 +104,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     try:
         url = await asyncio.wait_for(_create_postgres_database("dispatchd_nginx"), 30)
     except Exception as exc:
-        _unavailable(f"PostgreSQL not reachable: {type(exc).__name__}: {exc}"[:300])
+        _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}: {exc}"[:300])
     tmp = tmp_path_factory.mktemp("nginx")
     fake_port = free_port()
     fake_url = f"http://127.0.0.1:{fake_port}"
