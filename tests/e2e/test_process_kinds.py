@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ STOP_S = 30
 
 
 def start(
-    command: list[str], output: Path, env: dict[str, str], module: str = "dispatchd"
+    command: list[str], output: Path, env: dict[str, str], module: str = "dispatchd", preexec_fn=None
 ) -> subprocess.Popen:
     """Start ``python -m dispatchd …``; its output goes to a file (a pipe would fill and block it)."""
     with output.open("w") as log:
@@ -49,7 +50,22 @@ def start(
             env={**os.environ, "DISPATCHD_LOG_JSON": "true", **env},
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    """``(soft, hard)`` RLIMIT_NOFILE of a live process, from ``/proc/<pid>/limits``."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-file limit for {pid}")
+
+
+def low_soft_file_limit() -> None:
+    """In the child before exec: a soft open-file limit of 256, below the hard one."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -149,8 +165,9 @@ async def test_serve_workers_answers_from_two_processes_sells_capacity_once_and_
         "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY,
         "DISPATCHD_WORKERS": "2",  # the environment variable, as the systemd unit sets it
         "DISPATCHD_RATE_LIMIT": "",
+        "DISPATCHD_HEADER_TIMEOUT_S": "1",
     }
-    server = start(["serve", "--port", str(port)], output, env)
+    server = start(["serve", "--port", str(port)], output, env, preexec_fn=low_soft_file_limit)
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(base, server, output)
@@ -172,6 +189,20 @@ async def test_serve_workers_answers_from_two_processes_sells_capacity_once_and_
         both_answered.seen = set()
         assert await wait_until(both_answered, 60, "answers from both processes") == workers
         assert server.pid not in workers  # the supervisor answers nothing itself
+        # What `serve` does before serving applies in each process: the file limit raised to the hard one…
+        assert open_files_limit(server.pid)[0] == 256  # what they inherited from the supervisor
+        for pid in workers:
+            soft, hard = open_files_limit(pid)
+            assert soft == hard > 256, (pid, soft, hard)
+
+        async def silent_connection() -> bytes:  # …and the header timeout (1 s here) closes silent sockets
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                return await asyncio.wait_for(reader.read(), timeout=10)
+            finally:
+                writer.close()
+
+        assert await asyncio.gather(*(silent_connection() for _ in range(8))) == [b""] * 8
 
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
@@ -327,6 +358,25 @@ async def test_workers_deliver_every_message_once_and_a_killed_child_loses_nothi
         for process in reversed(processes):
             stop(process)
         await db.dispose()
+
+
+@pytest.mark.postgres
+async def test_one_worker_process_says_what_it_runs_and_stops_on_sigterm_with_0(postgres_url, tmp_path):
+    output = tmp_path / "worker.log"
+    worker = start(["worker"], output, {"DISPATCHD_DATABASE_URL": postgres_url})
+    try:
+
+        async def started() -> list[dict]:
+            assert worker.poll() is None, tail(output)
+            return logged(output, "dispatchd worker started")
+
+        [line] = await wait_until(started, START_S, "the worker", interval_s=0.1)
+        assert (line["pid"], line["process"], line["loops"]) == (worker.pid, 0, "['alerts', 'delivery']")
+        assert not spawned(worker.pid)  # one process: no supervisor, no child
+        assert terminate(worker, output) == 0
+        assert len(logged(output, "dispatchd worker stopped")) == 1
+    finally:
+        stop(worker)
 
 
 # ----------------------------------------------------------------------------------------- SQLite rule
