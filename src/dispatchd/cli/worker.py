@@ -13,8 +13,8 @@ What runs where (docs/operations.md, "Processes"):
   HTTP process).
 
 Wake-ups: a commit in another process cannot set this process's wake event, so the worker ``LISTEN``\\s on
-``dispatchd_events`` (every commit that writes events notifies it): a message written by ``serve`` is
-claimed at once, not at the next poll (1 s).
+``dispatchd_events`` (every commit that writes events or outbox messages notifies it): a message written by
+``serve`` is claimed at once, not at the next poll (1 s).
 
 ``--processes N``: N > 1 are children started with multiprocessing's ``spawn`` and supervised by the
 parent. A child that dies after it started is replaced (the rows it had claimed come back when their lease,
@@ -104,6 +104,7 @@ def worker(
         overrides["channel_rate"] = share_rate(config.channel_rate, count)
     if count == 1:
         code = run_process(0, overrides, metrics_port)
+        code = 1 if code == STARTUP_FAILED else code  # the CLI's codes: 1 failed, 2 bad options
     else:
         from dispatchd.core.logging import configure_logging
 
