@@ -387,7 +387,14 @@ class Hub:
                 subscription.queue.put_nowait(PING)
 
     async def read_new(self) -> int:
-        """Read and fan out every event after :attr:`position`; returns how many."""
+        """Read and fan out every event after :attr:`position`; returns how many. With no subscription,
+        only move to the log's head: a stream that opens later catches up from the log itself."""
+        if not self._exact and not self._wide:
+            async with self.db.read() as session:
+                head = await events.last_id(session)
+            if not self._exact and not self._wide:  # again: a stream may have joined during the read
+                self.position = max(self.position, head)
+                return 0
         total = 0
         while True:
             async with self.db.read() as session:
