@@ -24,6 +24,7 @@ from sqlalchemy import JSON, Index, String, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from dispatchd.core import bulk
 from dispatchd.core.db import Base
 from dispatchd.core.topics import is_pattern
 from dispatchd.core.types import BigIntPK, UTCDateTime
@@ -33,6 +34,9 @@ EVENT_LOG_LOCK = 0x6469737061746368  # "dispatch"
 #: hubs and the delivery of `dispatchd worker` processes listen)
 NOTIFY_CHANNEL = "dispatchd_events"
 _PENDING = "pending_events"
+#: From this many events in one unit of work (a broadcast's ``OfferSent``), :func:`flush` writes them
+#: through :func:`dispatchd.core.bulk.insert_many` (COPY / executemany) instead of a Core insert.
+BULK_MIN_EVENTS = 100
 _WAKE = "wake_listeners"
 
 
@@ -98,7 +102,18 @@ async def flush(session: AsyncSession) -> int:
             text("SELECT pg_advisory_xact_lock(:key), pg_notify(:channel, '')"),
             {"key": EVENT_LOG_LOCK, "channel": NOTIFY_CHANNEL},
         )
-    await session.execute(Event.__table__.insert(), pending)
+    if len(pending) >= BULK_MIN_EVENTS:  # a broadcast: COPY on PostgreSQL, one executemany on SQLite
+        created_at = pending[0]["created_at"]
+        if all(event["created_at"] == created_at for event in pending):
+            rows = [(event["topic"], event["type"], event["data"]) for event in pending]
+            await bulk.insert_many(
+                session, Event.__table__, ("topic", "type", "data"), rows, shared={"created_at": created_at}
+            )
+        else:
+            rows = [(e["topic"], e["type"], e["data"], e["created_at"]) for e in pending]
+            await bulk.insert_many(session, Event.__table__, ("topic", "type", "data", "created_at"), rows)
+    else:
+        await session.execute(Event.__table__.insert(), pending)
     session.info["events_written"] = len(pending)
     return len(pending)
 

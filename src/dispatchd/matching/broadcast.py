@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dispatchd.core import events, metrics, topics
+from dispatchd.core import bulk, events, metrics, topics
 from dispatchd.core.errors import InvalidInput, InvalidState
 from dispatchd.core.geo import bounding_box, haversine_km
 from dispatchd.core.ids import new_id
@@ -39,6 +39,36 @@ from dispatchd.notifications.models import Notification
 from dispatchd.notifications.outbox import Message
 
 log = get_logger("dispatchd.matching")
+
+_OFFERS = BookingOffer.__table__
+
+
+async def insert_offers(
+    session: AsyncSession,
+    booking_id: str,
+    wave: int,
+    sent_at: datetime,
+    expires_at: datetime,
+    candidates: list[Candidate],
+    offer_ids: list[str],
+) -> None:
+    """One wave's offer rows (``offer_ids[i]`` for ``candidates[i]``; times UTC) in one bulk insert
+    (:func:`dispatchd.core.bulk.insert_many`: COPY on PostgreSQL, one executemany on SQLite); what every
+    row shares (booking, wave, method, the two times) is processed once."""
+    await bulk.insert_many(
+        session,
+        _OFFERS,
+        ("id", "driver_id", "distance_km"),
+        [(offer_id, c.driver_id, c.distance_km) for c, offer_id in zip(candidates, offer_ids, strict=True)],
+        shared={
+            "booking_id": booking_id,
+            "wave": wave,
+            "method": "WHATSAPP",
+            "sent_at": sent_at,
+            "expires_at": expires_at,
+        },
+    )
+
 
 #: ``MatchingResult.errors`` when nobody could be offered the booking (the search still runs).
 NO_DRIVER_AVAILABLE = "NO_DRIVER_AVAILABLE: the search stays open and retries in waves"
@@ -120,57 +150,54 @@ async def offer_wave(
         booking.next_wave_at = at + timedelta(seconds=config.wave_retry_s)
         metrics.BROADCAST_SIZE.observe(0)
         return candidates
-    offers = [
-        {
-            "id": new_id("ofr"),
-            "booking_id": booking.id,
-            "driver_id": c.driver_id,
-            "wave": booking.wave,
-            "distance_km": c.distance_km,
-            "method": "WHATSAPP",
-            "sent_at": at,
-            "expires_at": expires_at,
-        }
-        for c in candidates
-    ]
-    await session.execute(BookingOffer.__table__.insert(), offers)
+    # Per driver, only what differs: the booking's part of every row, body, payload and event is built once.
+    booking_id, wave = booking.id, booking.wave
+    offer_ids = [new_id("ofr") for _ in candidates]
+    await insert_offers(session, booking_id, wave, at, expires_at, candidates, offer_ids)
+    subject = topics.booking(booking_id)
+    body = messages.driver_offers(booking, config.offer_timeout_s)
+    trip = messages.trip_line(booking)
+    buttons = messages.offer_buttons(booking_id)
     await outbox.enqueue(
         session,
         [
             Message(
                 recipient=c.phone,
                 category=Category.DRIVER_OFFER,
-                body=messages.driver_offer(booking, c.distance_km, config.offer_timeout_s),
-                subject=topics.booking(booking.id),
+                body=body(c.distance_km),
+                subject=subject,
                 payload={
-                    "booking_id": booking.id,
-                    "offer_id": offer["id"],
-                    "trip": messages.trip_line(booking),
+                    "booking_id": booking_id,
+                    "offer_id": offer_id,
+                    "trip": trip,
                     "distance_km": c.distance_km,
-                    "buttons": messages.offer_buttons(booking.id),
+                    "buttons": buttons,
                 },
                 expires_at=expires_at,
             )
-            for c, offer in zip(candidates, offers, strict=True)
+            for c, offer_id in zip(candidates, offer_ids, strict=True)
         ],
     )
-    for c, offer in zip(candidates, offers, strict=True):
+    trip_fields = {
+        "expires_at": expires_at.isoformat(),
+        "pickup_address": booking.pickup_address,
+        "pickup_lat": booking.pickup_lat,
+        "pickup_lon": booking.pickup_lon,
+        "drop_address": booking.drop_address,
+        "drop_lat": booking.drop_lat,
+        "drop_lon": booking.drop_lon,
+    }
+    for c, offer_id in zip(candidates, offer_ids, strict=True):
         events.append(
             session,
             topics.driver(c.driver_id),
             "OfferSent",
             {
-                "booking_id": booking.id,
-                "offer_id": offer["id"],
-                "wave": booking.wave,
-                "expires_at": expires_at.isoformat(),
+                "booking_id": booking_id,
+                "offer_id": offer_id,
+                "wave": wave,
                 "distance_km": c.distance_km,
-                "pickup_address": booking.pickup_address,
-                "pickup_lat": booking.pickup_lat,
-                "pickup_lon": booking.pickup_lon,
-                "drop_address": booking.drop_address,
-                "drop_lat": booking.drop_lat,
-                "drop_lon": booking.drop_lon,
+                **trip_fields,
             },
         )
     booking.next_wave_at = expires_at

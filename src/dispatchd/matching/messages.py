@@ -9,7 +9,7 @@ WhatsApp limits (Cloud API "Messages" reference): an interactive message has at 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from dispatchd.matching.models import Booking, Driver
@@ -112,16 +112,27 @@ def admin_timeout_alert(booking: Booking, search_timeout_s: float) -> str:
 
 
 def driver_offer(booking: Booking, distance_km: float | None, offer_timeout_s: float) -> str:
-    distance = f"📏 À {distance_km:.1f} km de vous\n" if distance_km is not None else ""
-    return (
+    return driver_offers(booking, offer_timeout_s)(distance_km)
+
+
+def driver_offers(booking: Booking, offer_timeout_s: float) -> Callable[[float | None], str]:
+    """:func:`driver_offer` for one booking and many drivers: the booking's part is formatted once, the
+    returned function adds each driver's distance (km, or None)."""
+    head = (
         "🚕 *NOUVELLE COURSE*\n\n"
         f"📍 Départ: {booking.pickup_address}\n"
         f"🎯 Arrivée: {booking.drop_address}\n"
         f"⏰ Heure: {_when(booking.pickup_at)}\n"
-        f"{distance}\n"
-        f"Répondez ACCEPTER ou REFUSER dans les {offer_timeout_s:g} secondes.\n"
-        f"Réf: {booking.id}"
     )
+    tail = f"\nRépondez ACCEPTER ou REFUSER dans les {offer_timeout_s:g} secondes.\nRéf: {booking.id}"
+    unknown = head + tail
+
+    def body(distance_km: float | None) -> str:
+        if distance_km is None:
+            return unknown
+        return f"{head}📏 À {distance_km:.1f} km de vous\n{tail}"
+
+    return body
 
 
 def booking_taken(booking: Booking) -> str:
