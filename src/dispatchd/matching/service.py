@@ -21,6 +21,7 @@ the others open their own.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -64,6 +65,10 @@ class MatchingService:
         self.config = config or MatchingConfig()
         #: where a pickup lies, for the metrics by zone (seed 000 §6.1)
         self.zones = zones or Zones()
+        #: drivers' answers to write on their offers, many per statement (see :meth:`respond`)
+        self.answer_recorder = answers.AnswerRecorder(db)
+        #: booking id → done when this process's accept attempt in flight on it ends (see :meth:`respond`)
+        self._accepts_in_flight: dict[str, asyncio.Future[None]] = {}
 
     # ---------------------------------------------------------------- drivers
 
@@ -177,9 +182,55 @@ class MatchingService:
 
     @retry_transient
     async def respond(self, booking_id: str, driver_id: str, answer: str) -> ResponseResult:
-        """Seed 000 §2.3 handleDriverResponse in a transaction of its own: see :meth:`respond_in`."""
-        async with self.db.transaction() as session:
-            return await self.respond_in(session, booking_id, driver_id, answer)
+        """Seed 000 §2.3 handleDriverResponse on its own: the answers and errors of :meth:`respond_in`.
+
+        The hot path of an accept race (issue 11): an answer that one read settles (the offer is already
+        closed: the loser of a race, a repeat, a late tap) takes no write transaction (no writer lock on
+        SQLite); an ACCEPT waits while another ACCEPT on the same booking is in flight in this process,
+        then reads (across processes the database still decides: the conditional UPDATE). The only write
+        left for a loser, its answer on its offer, goes through :attr:`answer_recorder` (group commit) and
+        is committed before this returns.
+        """
+        while True:
+            if answer == "ACCEPT" and (in_flight := self._accepts_in_flight.get(booking_id)) is not None:
+                await asyncio.shield(in_flight)
+                continue
+            async with self.db.read() as session:
+                decided = await answers.decide_from_read(session, booking_id, driver_id, answer)
+            if decided is not None:
+                result, record = decided
+                break
+            if answer != "ACCEPT":
+                result, record = await self._respond_writing(booking_id, driver_id, answer)
+                break
+            if booking_id in self._accepts_in_flight:  # another ACCEPT started during the read
+                continue
+            gate = asyncio.get_running_loop().create_future()
+            self._accepts_in_flight[booking_id] = gate
+            try:
+                result, record = await self._respond_writing(booking_id, driver_id, answer)
+            finally:
+                del self._accepts_in_flight[booking_id]
+                gate.set_result(None)
+            break
+        if record is not None:
+            await self.answer_recorder.record(record)
+        return result
+
+    async def _respond_writing(
+        self, booking_id: str, driver_id: str, answer: str
+    ) -> tuple[ResponseResult, answers.AnswerRecord | None]:
+        """:func:`answers.respond` in a transaction of its own, the driver's answer deferred: the result,
+        and the answer still to record (written by nothing in this transaction)."""
+        deferred: list[answers.AnswerRecord] = []
+        try:
+            async with self.db.transaction() as session:
+                result = await answers.respond(
+                    session, self.config, booking_id, driver_id, answer, deferred=deferred
+                )
+        except answers._Abort as lost:  # rolled back whole: the driver's answer is all that is left
+            return ResponseResult(False, lost.action, booking_id, driver_id), lost.record
+        return result, deferred[0] if deferred else None
 
     async def respond_in(
         self, session: AsyncSession, booking_id: str, driver_id: str, answer: str
