@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -81,6 +82,19 @@ def terminate(process: subprocess.Popen, output: Path) -> int:
         return process.wait(timeout=STOP_S)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"no exit {STOP_S} s after SIGTERM:\n{output.read_text()[-3000:]}") from None
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free (``--metrics-port P`` of two worker processes)."""
+    while True:
+        port = free_port()
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 def tail(output: Path) -> str:
@@ -268,7 +282,7 @@ async def test_workers_deliver_every_message_once_and_a_killed_child_loses_nothi
         [started] = logged(serve_log, "dispatchd started")
         assert "delivery" not in started["loops"] and "sweeper" in started["loops"], started
 
-        metrics_port = free_port()
+        metrics_port = free_port_pair()
         worker = start(["worker", "--processes", "2", "--metrics-port", str(metrics_port)], worker_log, env)
         processes.append(worker)
 

@@ -186,10 +186,6 @@ def run_process(
         print(f"dispatchd worker cannot start: {exc}", flush=True)
         return STARTUP_FAILED
     configure_logging(config.log_level, json=config.log_json)
-    if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(metrics_port + index, addr=config.host)
     running = False
 
     def started() -> None:
@@ -199,6 +195,10 @@ def run_process(
             ready.set()
 
     async def main() -> None:
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port + index, addr=config.host)  # a port in use: cannot start
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
