@@ -177,10 +177,12 @@ async def bench_in_process(backend: str, clients: int, warmup: float, duration: 
     return run
 
 
-async def bench_trivial_get(backend: str, clients: int, warmup: float, duration: float) -> Run:
+async def bench_trivial_get(
+    backend: str, clients: int, warmup: float, duration: float, workers: int = 1
+) -> Run:
     """The same clients looping ``GET /health`` on the same kind of server: the HTTP stack's own rate."""
     async with fresh_database(backend) as url:
-        with server(url, ADMIN_KEY, rate_limit="", log_level="WARNING") as base:
+        with server(url, ADMIN_KEY, rate_limit="", log_level="WARNING", workers=str(workers)) as base:
             connector = aiohttp.TCPConnector(limit=clients + 10)
             async with aiohttp.ClientSession(base, connector=connector) as http:
 
@@ -196,11 +198,13 @@ async def bench_trivial_get(backend: str, clients: int, warmup: float, duration:
     return run
 
 
-async def bench_http(backend: str, clients: int, warmup: float, duration: float, batch_max: int) -> Run:
+async def bench_http(
+    backend: str, clients: int, warmup: float, duration: float, batch_max: int, workers: int = 1
+) -> Run:
+    """``workers`` > 1: ``dispatchd serve --workers`` (PostgreSQL), each process batching its own share."""
     async with fresh_database(backend) as url:
-        with server(
-            url, ADMIN_KEY, rate_limit="", log_level="WARNING", reservation_batch_max=str(batch_max)
-        ) as base:
+        settings = {"reservation_batch_max": str(batch_max), "workers": str(workers)}
+        with server(url, ADMIN_KEY, rate_limit="", log_level="WARNING", **settings) as base:
             connector = aiohttp.TCPConnector(limit=clients + 10)
             headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
             async with aiohttp.ClientSession(base, connector=connector, headers=headers) as http:
@@ -321,6 +325,12 @@ async def main() -> None:
     )
     parser.add_argument("--duration", type=float, help="measured seconds per run (overrides --quick)")
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also serve PostgreSQL with `dispatchd serve --workers N` (default 2; 1 skips that run)",
+    )
     args = parser.parse_args()
     configure_logging("WARNING")
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
@@ -342,6 +352,14 @@ async def main() -> None:
         for mode, size in modes.items()
     }
     trivial = {b: await bench_trivial_get(b, clients, warmup, duration) for b in backends}
+    several = f"group commit, {args.workers} processes"
+    if "postgres" in backends and args.workers > 1:
+        http[("postgres", several)] = await bench_http(
+            "postgres", clients, warmup, duration, 256, args.workers
+        )
+        trivial[("postgres", several)] = await bench_trivial_get(
+            "postgres", clients, warmup, duration, args.workers
+        )
     ceiling = await bench_pgbench(clients, duration) if "postgres" in backends else {}
 
     print(f"machine: {machine()}")
@@ -364,8 +382,15 @@ async def main() -> None:
                 to_pgbench = ratio(run, update) if backend == "postgres" else "-"
                 to_get = f"{run.rate / trivial[backend].rate:.2f}×" if what.startswith("POST") else "-"
                 print(f"| {what} | {NAMES[backend]} | {mode} | {run.summary()} | {to_pgbench} | {to_get} |")
-    for backend in backends:
-        print(f"| GET /health (reference) | {NAMES[backend]} | - | {trivial[backend].summary()} | - | 1× |")
+    if ("postgres", several) in http:
+        run, reference = http[("postgres", several)], trivial[("postgres", several)]
+        print(
+            f"| POST /v1/reservations | PostgreSQL | {several} | {run.summary()} | {ratio(run, update)} "
+            f"| {run.rate / reference.rate:.2f}× |"
+        )
+    for key, reference in trivial.items():
+        backend, label = key if isinstance(key, tuple) else (key, "1 process")
+        print(f"| GET /health (reference) | {NAMES[backend]} | {label} | {reference.summary()} | - | 1× |")
     if "error" in ceiling:
         print(f"| pgbench | PostgreSQL | - | {ceiling['error']} | ceiling | - |")
     elif ceiling:
