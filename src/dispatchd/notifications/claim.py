@@ -27,11 +27,12 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from limits import parse
-from sqlalchemy import ColumnElement, Row, and_, bindparam, exists, false, or_, select
+from sqlalchemy import ColumnElement, Integer, Row, and_, bindparam, exists, false, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from dispatchd.core.db import Database
+from dispatchd.core.types import UTCDateTime
 from dispatchd.notifications import pacing
 from dispatchd.notifications.channels.base import OutboundMessage
 from dispatchd.notifications.models import OPEN_STATUSES, Notification, NotificationStatus
@@ -82,23 +83,6 @@ def current_lease(statement, member: Member):
 
 
 _table = Notification.__table__
-#: :func:`current_lease` for many sent rows at once (executemany): parameters ``b_id``, ``b_attempts``,
-#: ``b_sent_at``, ``b_wamid`` (the provider's message id) and ``b_carried_by``
-RECORD_SENT = (
-    _table.update()
-    .where(
-        _table.c.id == bindparam("b_id"),
-        _table.c.status == NotificationStatus.SENDING.value,
-        _table.c.attempts == bindparam("b_attempts"),
-    )
-    .values(
-        status=NotificationStatus.SENT.value,
-        sent_at=bindparam("b_sent_at"),
-        next_attempt_at=None,
-        provider_message_id=bindparam("b_wamid"),
-        carried_by=bindparam("b_carried_by"),
-    )
-)
 
 
 def outbound(row: Row) -> OutboundMessage:
@@ -196,6 +180,24 @@ async def claim(
         return claimed
 
 
+_NOW = bindparam("now", type_=UTCDateTime())
+
+
+def _leads_query(lane: Lane, paced: bool, categories: tuple[str, ...]):
+    """The lead ``SELECT`` of :func:`leads`, built once per lane and shape (parameters ``now`` and
+    ``limit``): building it costs more Python than running it."""
+    cache = lane.__dict__.setdefault("_lead_queries", {})
+    key = (paced, categories)
+    if key not in cache:
+        cache[key] = (
+            due_query(lane, _NOW, 1.0 if paced else 0.0, *COLUMNS, has_siblings(_NOW, list(categories)))
+            .order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
+            .limit(bindparam("limit", type_=Integer))
+            .with_for_update(skip_locked=True, of=Notification)
+        )
+    return cache[key]
+
+
 async def leads(
     session: AsyncSession,
     lane: Lane,
@@ -206,13 +208,9 @@ async def leads(
 ) -> list[Row]:
     """The first ``limit`` due rows in priority order (:data:`COLUMNS` and ``has_siblings``), at most one
     per paced phone, leaving out phones whose slot is taken (so the head of the queue always moves)."""
-    query = (
-        due_query(lane, now, recipient_interval_s, *COLUMNS, has_siblings(now, sorted(coalescers or ())))
-        .order_by(Notification.priority, Notification.next_attempt_at, Notification.id)
-        .limit(limit * 4 if recipient_interval_s else limit)
-        .with_for_update(skip_locked=True, of=Notification)
-    )
-    rows = (await session.execute(query)).all()
+    query = _leads_query(lane, bool(recipient_interval_s), tuple(sorted(coalescers or ())))
+    parameters = {"now": now, "limit": limit * 4 if recipient_interval_s else limit}
+    rows = (await session.execute(query, parameters)).all()
     if not recipient_interval_s:
         return list(rows)
     found: list[Row] = []

@@ -4,7 +4,9 @@ Claim (:mod:`dispatchd.notifications.claim`): one transaction moves due rows (PE
 retry is due, or SENDING whose lease ran out) to SENDING with ``next_attempt_at = now + lease`` and
 ``attempts + 1`` (``FOR UPDATE SKIP LOCKED`` on PostgreSQL). Send: outside any transaction, every
 claimed row at once. Record: one transaction, guarded by ``status = SENDING AND attempts = <ours>``
-so only the current lease holder writes.
+so only the current lease holder writes. Batched (issue 11): a claim of N rows is one ``SELECT … FOR
+UPDATE SKIP LOCKED`` and one ``UPDATE``; the outcomes of N sends are one ``UPDATE … FROM (VALUES …)
+RETURNING`` for the sent rows and one for the others.
 
 Guarantee: **at least once**. A worker killed between claim and record leaves rows SENDING; they are
 claimed again when the lease ends, and may then reach the recipient twice (WhatsApp has no
@@ -77,7 +79,7 @@ from dispatchd.notifications.channels.base import (
     ErrorKind,
     SendResult,
 )
-from dispatchd.notifications.claim import RECORD_SENT, Claimed, Member, current_lease
+from dispatchd.notifications.claim import Claimed, Member, current_lease
 from dispatchd.notifications.models import Notification, NotificationStatus
 from dispatchd.notifications.outbox import Coalescer
 
@@ -110,6 +112,47 @@ def _unless_cancelled(values: dict[str, Any]) -> dict[str, Any]:
         column_type = Notification.__table__.c.next_attempt_at.type
         guarded["next_attempt_at"] = case((moot, null()), else_=literal(after, column_type))
     return guarded
+
+
+_SENT_COLUMNS = (
+    column("id", String),
+    column("lease", Integer),
+    column("sent_at", UTCDateTime()),
+    column("wamid", String),
+    column("carried_by", String),
+)
+
+
+async def record_sent(session: AsyncSession, sent: list[dict[str, Any]]) -> set[str]:
+    """Mark many rows SENT in one ``UPDATE … FROM (VALUES …) RETURNING``; return the ids written (those
+    whose lease is still held). ``sent`` rows: ``b_id``, ``b_attempts`` (the lease), ``b_sent_at`` (UTC),
+    ``b_wamid`` (the provider's message id) and ``b_carried_by`` (the carrier's id, or None)."""
+    if not sent:
+        return set()
+    data = [
+        (row["b_id"], row["b_attempts"], row["b_sent_at"], row["b_wamid"], row["b_carried_by"])
+        for row in sent
+    ]
+    v = values_of(*_SENT_COLUMNS, name="sent").data(data).cte("sent")
+    table = Notification.__table__
+    postgres = session.bind.dialect.name == "postgresql"
+    statement = (
+        table.update()
+        .where(
+            table.c.id == v.c.id,
+            table.c.status == NotificationStatus.SENDING.value,
+            table.c.attempts == v.c.lease,
+        )
+        .values(
+            status=NotificationStatus.SENT.value,
+            sent_at=cast(v.c.sent_at, UTCDateTime()) if postgres else v.c.sent_at,
+            next_attempt_at=None,
+            provider_message_id=v.c.wamid,
+            carried_by=v.c.carried_by,
+        )
+        .returning(table.c.id)
+    )
+    return set((await session.execute(statement)).scalars().all())
 
 
 _UNSENT_COLUMNS = (
@@ -332,11 +375,11 @@ class DeliveryWorker:
         now: datetime,
     ) -> None:
         """One transaction, safe to repeat after a deadlock: every row write is guarded by the lease. The
-        sent rows are one ``UPDATE`` executed for many rows, the others one ``UPDATE … FROM (VALUES …)
-        RETURNING`` (:func:`record_unsent`), whatever their outcomes; a re-send as a template (its new
-        payload) is written alone. The phones called get their next slot ``recipient_interval_s`` after the
-        provider's answer (Meta counts from its acceptance); the phones whose message was not sent get
-        theirs back at once."""
+        sent rows are one ``UPDATE … FROM (VALUES …) RETURNING`` (:func:`record_sent`), the others another
+        (:func:`record_unsent`), whatever their outcomes; only rows written are announced; a re-send as a
+        template (its new payload) is written alone. The phones called get their next slot
+        ``recipient_interval_s`` after the provider's answer (Meta counts from its acceptance); the phones
+        whose message was not sent get theirs back at once."""
         async with self.db.transaction() as session:
             batched = [(member, values) for member, values in changes if "payload" not in values]
             written = await record_unsent(session, batched)
@@ -353,10 +396,13 @@ class DeliveryWorker:
                     member.id in written and event_type and "attempts" not in values
                 ):  # not paced, not channel down
                     events.append(session, topics.NOTIFICATIONS, event_type, _failure(member, values))
-            if sent:
-                await session.execute(RECORD_SENT, sent)
+            delivered = await record_sent(session, sent)
+            if delivered:
                 events.append(
-                    session, topics.NOTIFICATIONS, "NotificationsSent", {"ids": [row["b_id"] for row in sent]}
+                    session,
+                    topics.NOTIFICATIONS,
+                    "NotificationsSent",
+                    {"ids": [row["b_id"] for row in sent if row["b_id"] in delivered]},
                 )
             if self.recipient_interval_s:
                 await pacing.set_next_slots(
