@@ -143,12 +143,17 @@ def _run_several(config: Settings) -> None:
     from dispatchd.migrate import prepare_database
 
     configure_logging(config.log_level, json=config.log_json)
-    with_db(lambda db: prepare_database(db, config), config)
+    log = get_logger("dispatchd.serve")
+    try:
+        with_db(lambda db: prepare_database(db, config), config)
+    except Exception:  # logged without the frames' locals (the database URL may hold a password)
+        log.exception("dispatchd serve could not prepare the database")
+        raise typer.Exit(1) from None
     os.environ["DISPATCHD_SERVE_DELIVERY"] = "true" if config.serve_delivery else "false"
     if config.serve_delivery and config.channel_rate:
         os.environ["DISPATCHD_CHANNEL_RATE"] = share_rate(config.channel_rate, config.workers) or ""
     uvicorn_config = Config(APP_FACTORY, factory=True, workers=config.workers, **_uvicorn_options(config))
-    get_logger("dispatchd.serve").info(
+    log.info(
         "dispatchd serve supervising processes",
         workers=config.workers,
         delivery=config.serve_delivery,
