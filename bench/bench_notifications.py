@@ -81,7 +81,11 @@ LEASE_S = 5  # dispatchd's lease = Celery's visibility timeout (bench/celery_bas
 
 
 class DispatchdWorker:
-    def __init__(self, database_url: str, fake_url: str, concurrency: int, logs: Path) -> None:
+    """dispatchd as in production on PostgreSQL: ``serve --no-delivery`` (the API; its sweeper expires
+    rows) beside ``worker --processes N`` (the delivery); with ``processes`` 0, one ``serve`` that also
+    delivers (the layout before ``dispatchd worker``). :meth:`start` (re)starts what delivers."""
+
+    def __init__(self, database_url: str, fake_url: str, args: argparse.Namespace, logs: Path) -> None:
         self.env = {
             "DISPATCHD_DATABASE_URL": database_url,
             "DISPATCHD_ADMIN_API_KEY": ADMIN_KEY,
@@ -91,26 +95,56 @@ class DispatchdWorker:
             "DISPATCHD_WHATSAPP_API_BASE_URL": f"{fake_url}/v21.0",
             "DISPATCHD_WHATSAPP_ACCESS_TOKEN": "fake-token",
             "DISPATCHD_WHATSAPP_PHONE_NUMBER_ID": PHONE_NUMBER_ID,
+            "DISPATCHD_WHATSAPP_HTTP2": "prior_knowledge" if args.provider_http == "2" else "off",
             "DISPATCHD_RECIPIENT_INTERVAL_S": "0",
             "DISPATCHD_CHANNEL_RATE": "",
-            "DISPATCHD_DELIVERY_CONCURRENCY": str(concurrency),
+            "DISPATCHD_DELIVERY_CONCURRENCY": str(args.concurrency),
             "DISPATCHD_DELIVERY_LEASE_S": str(LEASE_S),
         }
+        self.processes = args.worker_processes
         self.logs = logs
-        self.process: subprocess.Popen | None = None
+        self.server: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None  # what delivers: the worker, or serve when processes=0
         self.started = 0
 
+    @property
+    def pids(self) -> list[int]:
+        """The process groups whose CPU counts: the server and the worker (and their children)."""
+        return sorted({p.pid for p in (self.server, self.process) if p is not None and p.poll() is None})
+
     async def start(self) -> None:
-        port = free_port()
         self.started += 1
-        log = self.logs / f"dispatchd-{self.started}.log"
-        self.process = spawn([sys.executable, "-m", "dispatchd", "serve", "--port", str(port)], log, self.env)
-        await wait_for(
-            lambda: http_ok(f"http://127.0.0.1:{port}/ready"), 60, "dispatchd serve", self.process, log
-        )
+        if not self.processes and self.server is not None and self.server.poll() is not None:
+            self.server = None  # the one serve was killed: start it again
+        if self.server is None:
+            port = free_port()
+            log = self.logs / "dispatchd-serve.log"
+            command = [sys.executable, "-m", "dispatchd", "serve", "--port", str(port)]
+            if self.processes:
+                command.append("--no-delivery")
+            self.server = spawn(command, log, self.env)
+            await wait_for(
+                lambda: http_ok(f"http://127.0.0.1:{port}/ready"), 60, "dispatchd serve", self.server, log
+            )
+            if not self.processes:
+                self.process = self.server
+                return
+        metrics = free_port()
+        log = self.logs / f"dispatchd-worker-{self.started}.log"
+        command = [sys.executable, "-m", "dispatchd", "worker", "--processes", str(self.processes),
+                   "--metrics-port", str(metrics)]  # fmt: skip
+        self.process = spawn(command, log, self.env)
+        for index in range(self.processes):
+            url = f"http://127.0.0.1:{metrics + index}/metrics"
+            await wait_for(lambda url=url: http_ok(url), 60, "dispatchd worker", self.process, log)
 
     def circuit_openings(self) -> int:
         return sum(path.read_text().count('"circuit open"') for path in self.logs.glob("dispatchd-*.log"))
+
+    def stop(self) -> None:
+        for process in (self.process, self.server):
+            if process is not None:
+                shutdown(process)
 
 
 async def open_rows(db: Database) -> dict[str, int]:
@@ -131,20 +165,20 @@ async def run_dispatchd(
         await session.execute(delete(Notification))
     await fake.post("/reset")
     logs = run_folder(logs, "dispatchd", kill)
-    workers = DispatchdWorker(database_url, str(fake.base_url).rstrip("/"), args.concurrency, logs)
+    workers = DispatchdWorker(database_url, str(fake.base_url).rstrip("/"), args, logs)
     await workers.start()
     cpu = CpuAcrossRestarts()
     profiler = None
     if args.profile and not kill:
         # a flame graph of the server while it delivers (py-spy samples it from outside, 100 Hz)
-        profiler = subprocess.Popen(
+        profiler = subprocess.Popen(  # noqa: ASYNC220 (started once, returns at once)
             [str(Path(sys.executable).with_name("py-spy")), "record", "-o", args.profile, "--pid",
              str(workers.process.pid), "--subprocesses", "--nonblocking", "--rate", "100"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     try:
         started = time.time()
-        cpu.start(workers.process.pid)
+        cpu.start(workers.pids)
         async with db.transaction() as session:
             expires = session.info["now"] + timedelta(days=1)
             ids = await outbox.enqueue(
@@ -171,7 +205,7 @@ async def run_dispatchd(
                 killed = True
                 outcome.in_flight_at_kill = (await open_rows(db)).get(NotificationStatus.SENDING, 0)
                 await workers.start()
-                cpu.start(workers.process.pid)
+                cpu.start(workers.pids)
             if not await open_rows(db):  # every row final: nothing more will be sent
                 outcome.finished = True
                 break
@@ -194,9 +228,14 @@ async def run_dispatchd(
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes the SVG on SIGINT
             profiler.wait(timeout=60)
-        if workers.process is not None:
-            shutdown(workers.process)
+        workers.stop()
         await db.dispose()
+
+
+def dispatchd_layout(args: argparse.Namespace) -> str:
+    if not args.worker_processes:
+        return "one `serve` that delivers"
+    return f"`serve --no-delivery` + `worker --processes {args.worker_processes}`"
 
 
 async def main() -> None:
@@ -209,6 +248,19 @@ async def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=5.0, help="fake server latency per call")
     parser.add_argument(
         "--concurrency", type=int, default=32, help="dispatchd sends in flight (and Celery threads)"
+    )
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=2,
+        help="dispatchd worker --processes N beside serve --no-delivery; 0: one serve that delivers",
+    )
+    parser.add_argument(
+        "--provider-http",
+        choices=["1.1", "2"],
+        default="2",
+        help="dispatchd's HTTP to the fake: 2 = HTTP/2 (h2c; the fake then runs under Hypercorn), "
+        "1.1 = keep-alive (the fake under uvicorn, as before)",
     )
     parser.add_argument("--celery-pool", choices=["prefork", "threads"], default="prefork")
     parser.add_argument("--processes", type=int, default=16, help="Celery prefork pool size")
@@ -232,8 +284,12 @@ async def main() -> None:
         logs = Path(folder)
         port = free_port()
         fake_log = logs / "fake.log"
+        if args.provider_http == "2":  # uvicorn has no HTTP/2: the same fake under Hypercorn (h2c and 1.1)
+            fake_command = ["-m", "bench.notifications_http2", "--serve", str(port), "--server", "hypercorn"]
+        else:
+            fake_command = ["-m", "bench.fake_whatsapp", "--port", str(port)]
         fake_process = spawn(
-            [sys.executable, "-m", "bench.fake_whatsapp", "--port", str(port),
+            [sys.executable, *fake_command,
              "--fail-rate", str(args.fail_rate), "--latency-ms", str(args.latency_ms),
              "--seed", str(args.seed)],
             fake_log,
@@ -253,19 +309,22 @@ async def main() -> None:
         finally:
             shutdown(fake_process)
 
+    fake_server = "Hypercorn" if args.provider_http == "2" else "uvicorn"
     print(f"machine: {machine()}")
     print(f"load average (1, 5, 15 min) before: {load_before}, after: {load()}")
     print(f"PostgreSQL {await postgres_version()}, Redis at {REDIS_URL}")
     print(
         f"fake WhatsApp Cloud API: {args.fail_rate:.0%} of calls fail (503, Meta 131000), "
-        f"{args.latency_ms:g} ms per answer; dispatchd: {args.concurrency} sends in flight, "
+        f"{args.latency_ms:g} ms per answer (served by {fake_server}); "
+        f"dispatchd: {dispatchd_layout(args)}, {args.concurrency} sends in flight per process, "
+        f"HTTP/{args.provider_http} to the fake, "
         f"Celery: pool {celery_pool(args)}"
     )
     print()
     print(
         "| system | scenario | messages | end-to-end | completion rate | sustained rate (10 %→70 % of ids) "
-        "| 80 % / 99 % / 100 % of ids after (s) | calls / 503s | server CPU per message: run / 10→70 % | lost | duplicates "
-        "| notes |"
+        "| 80 % / 99 % / 100 % of ids after (s) | calls / 503s | server CPU per message: run / 10→70 % "
+        "| lost | duplicates | notes |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for outcome in outcomes:

@@ -123,7 +123,8 @@ def row(o: Outcome) -> str:
     return (
         f"| {o.system} | {o.scenario} | {o.messages:,} | {fmt_s(o.end_to_end)} | "
         f"{fmt_rate(o.completion_rate)} | {fmt_rate(o.sustained_rate)} | {reached} | "
-        f"{calls:,} / {failed:,} | {fmt_cpu(o.cpu_ms_per_message)} / {fmt_cpu(o.window_cpu_ms)} | {lost} | {o.duplicates} | {notes} |"
+        f"{calls:,} / {failed:,} | {fmt_cpu(o.cpu_ms_per_message)} / {fmt_cpu(o.window_cpu_ms)} | "
+        f"{lost} | {o.duplicates} | {notes} |"
     )
 
 

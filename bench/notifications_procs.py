@@ -59,18 +59,28 @@ def shutdown(process: subprocess.Popen, timeout_s: float = 20) -> None:
         process.wait(timeout=5)
 
 
+class MultiMeter:
+    """:class:`bench.common.CpuMeter` over several process trees (``serve`` and ``worker``)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.meters = [CpuMeter(pid) for pid in pids]
+
+    def seconds(self) -> float:
+        return sum(meter.seconds() for meter in self.meters)
+
+
 class CpuAcrossRestarts:
-    """Server CPU seconds of one system over a run, across the restart after a kill: ``start(pid)`` after
-    each (re)start, ``stop()`` just before a kill or at the end (a killed process's CPU can no longer be
-    read, so it is banked first)."""
+    """Server CPU seconds of one system over a run, across the restart after a kill: ``start(pids)`` after
+    each (re)start (every process tree the system runs), ``stop()`` just before a kill or at the end (a
+    killed process's CPU can no longer be read, so it is banked first)."""
 
     def __init__(self) -> None:
         self.banked = 0.0
-        self.meter: CpuMeter | None = None
+        self.meter: MultiMeter | None = None
         self.marks: dict[float, tuple[int, float]] = {}
 
-    def start(self, pid: int) -> None:
-        self.meter = CpuMeter(pid)
+    def start(self, pids: int | list[int]) -> None:
+        self.meter = MultiMeter([pids] if isinstance(pids, int) else pids)
 
     def stop(self) -> float:
         if self.meter is not None:

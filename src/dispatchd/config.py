@@ -6,7 +6,7 @@ Invalid values stop start-up with a message naming the setting (see :func:`load_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -159,6 +159,12 @@ class Settings(BaseSettings):
     smtp_sender: str = "dispatchd@localhost"
     admin_emails: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated addresses receiving admin alerts by email"
+    )
+    whatsapp_http2: Literal["off", "alpn", "prior_knowledge"] = Field(
+        default="off",
+        description="HTTP/2 to the WhatsApp Cloud API: off = HTTP/1.1 keep-alive; alpn = when TLS negotiates "
+        "it (https); prior_knowledge = also over cleartext http:// (h2c). HTTP/2 costs the sender less CPU, "
+        "but a server's GOAWAY fails the sends racing it (docs/benchmarks.md, issue 11)",
     )
     delivery_batch_size: int = Field(default=200, ge=1, le=10_000)
     delivery_concurrency: int = Field(default=32, ge=1, le=1000, description="Messages in flight at once")

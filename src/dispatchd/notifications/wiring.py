@@ -35,6 +35,7 @@ def phone_channel(settings: Settings) -> Channel:
             settings.whatsapp_api_base_url,
             settings.whatsapp_phone_number_id or "",
             settings.whatsapp_access_token.get_secret_value() if settings.whatsapp_access_token else "",
+            http2=settings.whatsapp_http2,
         )
     if settings.notification_channel == "wachap":
         from dispatchd.notifications.channels.wachap import WaChapChannel

@@ -1,5 +1,14 @@
 """What the HTTP provider channels share: one httpx client (kept alive for every send in flight, closed
-only when the channel made it), a timeout, and the scrubbing of the secret from anything it reports."""
+only when the channel made it), a timeout, and the scrubbing of the secret from anything it reports.
+
+HTTP/2 (``http2``, setting ``DISPATCHD_WHATSAPP_HTTP2``): ``"off"`` (the default) keeps HTTP/1.1 keep-alive;
+``"alpn"`` offers HTTP/2 to TLS servers (HTTPS: Meta's Graph API), falling back to HTTP/1.1 when the
+server does not take it; ``"prior_knowledge"`` speaks it over cleartext too (h2c, for a local server that
+does). Measured with ``bench.notifications_http2`` (docs/benchmarks.md, issue 11): one HTTP/2 connection
+multiplexing 32 sends costs the sender about a third of the CPU of 32 HTTP/1.1 keep-alive connections;
+but when the server ends the connection (GOAWAY after N requests, as Hypercorn does after 1,000) httpx
+fails the sends racing it (``WriteError``: CONNECTION, retried), a burst that can open the breaker and
+re-send messages the server had taken. Hence off by default until that is handled."""
 
 from __future__ import annotations
 
@@ -11,12 +20,27 @@ REDACTED = "[REDACTED]"
 LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=200)
 
 
+HTTP2_MODES = ("off", "alpn", "prior_knowledge")
+
+
+def client(timeout_s: float, http2: str = "off") -> httpx.AsyncClient:
+    """An httpx client for one provider: ``timeout_s`` seconds per request, ``http2`` one of
+    :data:`HTTP2_MODES` (raises ``ValueError`` otherwise; HTTP/2 needs the ``h2`` package)."""
+    if http2 not in HTTP2_MODES:
+        raise ValueError(f"http2 must be one of {HTTP2_MODES}")
+    return httpx.AsyncClient(
+        timeout=timeout_s, limits=LIMITS, http2=http2 != "off", http1=http2 != "prior_knowledge"
+    )
+
+
 class HttpChannel:
-    def __init__(self, secret: str, *, http: httpx.AsyncClient | None, timeout_s: float) -> None:
+    def __init__(
+        self, secret: str, *, http: httpx.AsyncClient | None, timeout_s: float, http2: str = "off"
+    ) -> None:
         self._token = secret
         self._timeout_s = timeout_s
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout_s, limits=LIMITS)
+        self._http = http if http is not None else client(timeout_s, http2)
 
     async def aclose(self) -> None:
         if self._owns_http:

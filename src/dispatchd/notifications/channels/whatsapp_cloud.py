@@ -41,7 +41,8 @@ class WhatsAppCloudChannel(HttpChannel):
     """Sends one message per call to ``{base_url}/{phone_number_id}/messages``.
 
     ``base_url`` pins the Graph API version (e.g. ``https://graph.facebook.com/v21.0``). When ``http`` is
-    given the caller owns it (``aclose`` leaves it open); ``timeout_s`` bounds each request, in seconds.
+    given the caller owns it (``aclose`` leaves it open); ``timeout_s`` bounds each request, in seconds;
+    ``http2`` (``off``, ``alpn``, ``prior_knowledge``) as in :mod:`dispatchd.notifications.channels.http`.
     """
 
     name = "whatsapp_cloud"
@@ -54,9 +55,10 @@ class WhatsAppCloudChannel(HttpChannel):
         *,
         http: httpx.AsyncClient | None = None,
         timeout_s: float = 10.0,
+        http2: str = "off",
     ) -> None:
         self._url = f"{base_url.rstrip('/')}/{phone_number_id}/messages"
-        super().__init__(access_token, http=http, timeout_s=timeout_s)
+        super().__init__(access_token, http=http, timeout_s=timeout_s, http2=http2)
 
     def __repr__(self) -> str:
         return f"WhatsAppCloudChannel(url={self._url!r})"
