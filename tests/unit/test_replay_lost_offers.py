@@ -8,6 +8,7 @@ at or after the offer's ``expires_at`` (as :func:`dispatchd.matching.answers.res
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -88,6 +89,28 @@ async def test_counts_exactly_the_answers_sent_before_expiry_and_processed_after
     assert fleet.offers_lost_to_server_lag == 2  # bkg_early_slow, bkg_edge_slow
     assert fleet.answers_sent_before_expiry == 4
     assert fleet.answers_sent_after_expiry == 2
+    assert fleet.answers_held_past_expiry == 0
+
+
+async def test_an_answer_the_replay_itself_held_past_expiry_is_not_the_servers_lag() -> None:
+    expires_at = T0 + timedelta(seconds=30)
+    clock = ManualClock(T0)
+    fleet = _fleet(clock, {"bkg_held": 0.1}, {"bkg_held": expires_at})
+    fleet.in_flight = asyncio.Semaphore(0)  # every one of the replay's connections is busy
+    offer = {"booking_id": "bkg_held", "offer_id": "ofr_held", "expires_at": expires_at.isoformat()}
+    clock.at = T0 + timedelta(seconds=10)  # the driver taps 20 s before expiry…
+    answering = asyncio.ensure_future(fleet._answer_offer(_driver(), "bkg_held", offer))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    clock.at = expires_at + timedelta(seconds=5)  # …and a connection frees up 5 s after it
+    fleet.in_flight.release()
+    await answering
+    await fleet.client.aclose()
+
+    assert fleet.actions == {"OFFER_EXPIRED": 1}
+    assert (fleet.answers_sent_before_expiry, fleet.answers_sent_after_expiry) == (0, 1)
+    assert fleet.answers_held_past_expiry == 1
+    assert fleet.offers_lost_to_server_lag == 0
 
 
 async def test_zero_when_no_answer_is_processed_late() -> None:
@@ -136,6 +159,7 @@ def test_summary_prints_the_lost_offers() -> None:
         elapsed_s=1.0,
         answers_sent_before_expiry=3,
         answers_sent_after_expiry=0,
+        answers_held_past_expiry=0,
         offers_lost_to_server_lag=2,
     )
     console = Console(record=True, width=100)

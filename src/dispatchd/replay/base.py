@@ -75,6 +75,9 @@ class _Driver:
 class _Answer:
     status: int | None
     body: Any
+    #: when the request left for the server (the replay's clock, UTC; the last attempt's), after any wait
+    #: for one of the replay's own connections
+    sent_at: datetime | None = None
 
     @property
     def ok(self) -> bool:
@@ -143,6 +146,7 @@ class _ReplayBase:
         # offers lost to server lag (events fleet): see ReplaySummary
         self.answers_sent_before_expiry = 0
         self.answers_sent_after_expiry = 0
+        self.answers_held_past_expiry = 0
         self.offers_lost_to_server_lag = 0
 
     @property
@@ -179,14 +183,17 @@ class _ReplayBase:
         http = client or self.client
         assert http is not None
         where = f"{method} {path}"
+        sent_at: datetime | None = None
         for attempt in range(retries + 1):
             last = attempt == retries
             try:
                 request = {"json": json, "content": content, "headers": headers, "params": params}
                 if http is self.client:
                     async with self.in_flight:
+                        sent_at = self.clock()
                         response = await http.request(method, path, **request)
                 else:
+                    sent_at = self.clock()
                     response = await http.request(method, path, **request)
             except httpx.HTTPError as exc:
                 if not last and retry_transport:
@@ -196,7 +203,8 @@ class _ReplayBase:
                 return _Answer(None, None)
             if response.is_success:
                 try:
-                    return _Answer(response.status_code, response.json() if response.content else None)
+                    body = response.json() if response.content else None
+                    return _Answer(response.status_code, body, sent_at)
                 except ValueError:
                     self._record_error("bad JSON", where, response.text[:200])
                     return _Answer(None, None)
@@ -206,7 +214,7 @@ class _ReplayBase:
                 continue
             if response.status_code not in quiet:
                 self._count_http_error(response, where)
-            return _Answer(response.status_code, _problem(response))
+            return _Answer(response.status_code, _problem(response), sent_at)
         return _Answer(None, None)
 
     def _count_http_error(self, response: httpx.Response, where: str) -> None:

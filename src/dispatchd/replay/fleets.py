@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from contextlib import aclosing
+from datetime import datetime
 from typing import Any
 
 from dispatchd.client import StreamError, StreamEvent, StreamRefused, stream
@@ -169,7 +170,7 @@ class _Fleets(_ReplayBase):
         await asyncio.sleep(latency_s / self.options.speed)
         kind = "ACCEPT" if wants and not driver.busy else "REJECT"
         expires_at = _parse_utc(offer.get("expires_at"))
-        sent_at = self.clock()
+        tapped_at = self.clock()
         answer = await self._call(
             "POST",
             f"/v1/bookings/{booking_id}/responses",
@@ -180,19 +181,26 @@ class _Fleets(_ReplayBase):
             return
         action = str(answer.body.get("action"))
         self.actions[action] += 1
-        self._count_timeliness(sent_at, expires_at, action)
+        self._count_timeliness(tapped_at, answer.sent_at or tapped_at, expires_at, action)
         if action == "ASSIGNED":
             await self._drive(driver, booking_id, offer)
 
-    def _count_timeliness(self, sent_at: Any, expires_at: Any, action: str) -> None:
-        """Count one answered offer: sent before or after its ``expires_at``, and lost to server lag
-        (sent before, answered OFFER_EXPIRED). An offer without ``expires_at`` is not counted."""
+    def _count_timeliness(
+        self, tapped_at: datetime, sent_at: datetime, expires_at: datetime | None, action: str
+    ) -> None:
+        """Count one answered offer (times UTC): the driver tapped at ``tapped_at``, the request left for
+        the server at ``sent_at`` (later when it waited for one of the replay's own connections). Sent
+        before ``expires_at`` and answered OFFER_EXPIRED: lost to server lag. Tapped in time but sent too
+        late: held past expiry by the replay itself, not the server. An offer without ``expires_at`` is
+        not counted."""
         if expires_at is None:
             return
         if sent_at < expires_at:
             self.answers_sent_before_expiry += 1
         else:
             self.answers_sent_after_expiry += 1
+            if tapped_at < expires_at:
+                self.answers_held_past_expiry += 1
         if lost_to_server_lag(sent_at, expires_at, action):
             self.offers_lost_to_server_lag += 1
 

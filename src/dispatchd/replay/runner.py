@@ -439,6 +439,7 @@ class _Replay(_Fleets):
         if not self.whatsapp:
             summary.answers_sent_before_expiry = self.answers_sent_before_expiry
             summary.answers_sent_after_expiry = self.answers_sent_after_expiry
+            summary.answers_held_past_expiry = self.answers_held_past_expiry
             summary.offers_lost_to_server_lag = self.offers_lost_to_server_lag
         if self.whatsapp:
             summary.whatsapp_messages_seen = self.whatsapp_messages_seen

@@ -94,11 +94,12 @@ class ReplaySummary:
     ``aborted`` holds the reason when the replay could not run.
 
     Offers lost to server lag (events fleet; None for the WhatsApp fleet, whose taps get no answer):
-    ``answers_sent_before_expiry`` answers a driver sent (its clock, UTC, when it tapped) before the
-    offer's ``expires_at`` (from ``OfferSent``), ``offers_lost_to_server_lag`` those of them the server
-    answered ``OFFER_EXPIRED`` (it processed them after the offer expired: :func:`lost_to_server_lag`),
-    ``answers_sent_after_expiry`` answers sent when the offer had already expired (the driver, or the
-    event stream, was late: not the server's answer path). Must be 0: ``offers_lost_to_server_lag``.
+    ``answers_sent_before_expiry`` answers sent to the server (the replay's clock, UTC, when the request
+    left) before the offer's ``expires_at`` (from ``OfferSent``), ``offers_lost_to_server_lag`` those of
+    them the server answered ``OFFER_EXPIRED`` (it processed them after the offer expired:
+    :func:`lost_to_server_lag`), ``answers_sent_after_expiry`` answers sent when the offer had already
+    expired, of which ``answers_held_past_expiry`` were tapped in time but waited for one of the replay's
+    own connections (the replay's lag, not the server's). Goal: ``offers_lost_to_server_lag`` = 0.
 
     The outbox: ``outbox`` is ``GET /v1/notifications/summary`` read at the end with ``since`` = the
     replay's start (shape in :mod:`dispatchd.notifications.report`: messages by category and state,
@@ -146,6 +147,7 @@ class ReplaySummary:
     pair_limit_hits: int | None = None
     answers_sent_before_expiry: int | None = None
     answers_sent_after_expiry: int | None = None
+    answers_held_past_expiry: int | None = None
     offers_lost_to_server_lag: int | None = None
 
     @property
@@ -215,6 +217,10 @@ class ReplaySummary:
                 "—"
                 if self.answers_sent_before_expiry is None
                 else f"{self.answers_sent_before_expiry} / {self.answers_sent_after_expiry}",
+            ),
+            (
+                "answers held past expiry by the replay",
+                "—" if self.answers_held_past_expiry is None else str(self.answers_held_past_expiry),
             ),
             ("fleet", self.fleet),
         ]
