@@ -53,11 +53,11 @@ from sqlalchemy import (
     String,
     Text,
     case,
-    cast,
     column,
     func,
     literal,
     null,
+    text,
     true,
     update,
 )
@@ -114,6 +114,59 @@ def _unless_cancelled(values: dict[str, Any]) -> dict[str, Any]:
     return guarded
 
 
+# On PostgreSQL each outcome statement is one text with one array per column (``unnest``): the same SQL
+# whatever the batch, so it is compiled and prepared once; a VALUES list of N rows is a new statement to
+# compile for every batch (it was a tenth of a worker's CPU in the flame graph).
+_PG_SENT_ARRAYS = ("ids", "leases", "sent_ats", "wamids", "carriers")
+_PG_RECORD_SENT = text(
+    """
+    UPDATE notifications AS n
+    SET status = 'SENT', sent_at = v.sent_at, next_attempt_at = NULL, provider_message_id = v.wamid,
+        carried_by = v.carried_by
+    FROM unnest(CAST(:ids AS varchar[]), CAST(:leases AS integer[]), CAST(:sent_ats AS timestamptz[]),
+                CAST(:wamids AS varchar[]), CAST(:carriers AS varchar[]))
+         AS v(id, lease, sent_at, wamid, carried_by)
+    WHERE n.id = v.id AND n.status = 'SENDING' AND n.attempts = v.lease
+    RETURNING n.id
+    """
+)
+_PG_UNSENT_ARRAYS = (
+    "ids",
+    "leases",
+    "statuses",
+    "next_ats",
+    "attempts",
+    "last_errors",
+    "error_codes",
+    "error_kinds",
+    "failed_ats",
+)
+_PG_RECORD_UNSENT = text(
+    """
+    UPDATE notifications AS n
+    SET status = CASE WHEN n.cancel_reason IS NOT NULL THEN 'CANCELLED' ELSE v.status END,
+        next_attempt_at = CASE WHEN n.cancel_reason IS NOT NULL THEN NULL ELSE v.next_at END,
+        attempts = v.attempts,
+        last_error = COALESCE(v.last_error, n.last_error),
+        error_code = COALESCE(v.error_code, n.error_code),
+        error_kind = COALESCE(v.error_kind, n.error_kind),
+        failed_at = COALESCE(v.failed_at, n.failed_at)
+    FROM unnest(CAST(:ids AS varchar[]), CAST(:leases AS integer[]), CAST(:statuses AS varchar[]),
+                CAST(:next_ats AS timestamptz[]), CAST(:attempts AS integer[]), CAST(:last_errors AS text[]),
+                CAST(:error_codes AS varchar[]), CAST(:error_kinds AS varchar[]),
+                CAST(:failed_ats AS timestamptz[]))
+         AS v(id, lease, status, next_at, attempts, last_error, error_code, error_kind, failed_at)
+    WHERE n.id = v.id AND n.status = 'SENDING' AND n.attempts = v.lease
+    RETURNING n.id
+    """
+)
+
+
+def _arrays(names: tuple[str, ...], rows: list[tuple]) -> dict[str, list]:
+    """Rows of values as one list per column, named as the ``unnest`` statement's parameters."""
+    return {name: list(values) for name, values in zip(names, zip(*rows, strict=True), strict=True)}
+
+
 _SENT_COLUMNS = (
     column("id", String),
     column("lease", Integer),
@@ -133,9 +186,11 @@ async def record_sent(session: AsyncSession, sent: list[dict[str, Any]]) -> set[
         (row["b_id"], row["b_attempts"], row["b_sent_at"], row["b_wamid"], row["b_carried_by"])
         for row in sent
     ]
+    if session.bind.dialect.name == "postgresql":
+        written = await session.execute(_PG_RECORD_SENT, _arrays(_PG_SENT_ARRAYS, data))
+        return set(written.scalars().all())
     v = values_of(*_SENT_COLUMNS, name="sent").data(data).cte("sent")
     table = Notification.__table__
-    postgres = session.bind.dialect.name == "postgresql"
     statement = (
         table.update()
         .where(
@@ -145,7 +200,7 @@ async def record_sent(session: AsyncSession, sent: list[dict[str, Any]]) -> set[
         )
         .values(
             status=NotificationStatus.SENT.value,
-            sent_at=cast(v.c.sent_at, UTCDateTime()) if postgres else v.c.sent_at,
+            sent_at=v.c.sent_at,
             next_attempt_at=None,
             provider_message_id=v.c.wamid,
             carried_by=v.c.carried_by,
@@ -192,12 +247,11 @@ async def record_unsent(session: AsyncSession, changes: list[tuple[Member, dict[
         )
         for member, values in changes
     ]
+    if session.bind.dialect.name == "postgresql":
+        written = await session.execute(_PG_RECORD_UNSENT, _arrays(_PG_UNSENT_ARRAYS, rows))
+        return set(written.scalars().all())
     v = values_of(*_UNSENT_COLUMNS, name="outcome").data(rows).cte("outcome")
     table = Notification.__table__
-    postgres = session.bind.dialect.name == "postgresql"
-
-    def stamp(value):  # PostgreSQL types a column of VALUES that holds only NULLs as text
-        return cast(value, UTCDateTime()) if postgres else value
 
     moot = table.c.cancel_reason.is_not(None)
     statement = (
@@ -209,12 +263,12 @@ async def record_unsent(session: AsyncSession, changes: list[tuple[Member, dict[
         )
         .values(
             status=case((moot, NotificationStatus.CANCELLED.value), else_=v.c.status),
-            next_attempt_at=case((moot, null()), else_=stamp(v.c.next_at)),
+            next_attempt_at=case((moot, null()), else_=v.c.next_at),
             attempts=v.c.attempts,
             last_error=func.coalesce(v.c.last_error, table.c.last_error),
             error_code=func.coalesce(v.c.error_code, table.c.error_code),
             error_kind=func.coalesce(v.c.error_kind, table.c.error_kind),
-            failed_at=func.coalesce(stamp(v.c.failed_at), table.c.failed_at),
+            failed_at=func.coalesce(v.c.failed_at, table.c.failed_at),
         )
         .returning(table.c.id)
     )
