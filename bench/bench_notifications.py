@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,7 @@ class DispatchdWorker:
             if not self.processes:
                 self.process = self.server
                 return
-        metrics = free_port()
+        metrics = free_ports(self.processes)
         log = self.logs / f"dispatchd-worker-{self.started}.log"
         command = [sys.executable, "-m", "dispatchd", "worker", "--processes", str(self.processes),
                    "--metrics-port", str(metrics)]  # fmt: skip
@@ -145,6 +146,25 @@ class DispatchdWorker:
         for process in (self.process, self.server):
             if process is not None:
                 shutdown(process)
+
+
+def free_ports(count: int) -> int:
+    """A port ``p`` such that ``p`` … ``p + count - 1`` are free now (``worker --metrics-port``)."""
+    for _ in range(100):
+        base = free_port()
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 async def open_rows(db: Database) -> dict[str, int]:
@@ -258,7 +278,7 @@ async def main() -> None:
     parser.add_argument(
         "--provider-http",
         choices=["1.1", "2"],
-        default="2",
+        default="1.1",
         help="dispatchd's HTTP to the fake: 2 = HTTP/2 (h2c; the fake then runs under Hypercorn), "
         "1.1 = keep-alive (the fake under uvicorn, as before)",
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ def serve(port: int, server: str, fail_rate: float, latency_ms: float, seed: int
     # Hypercorn ends a connection after 1,000 requests by default (GOAWAY); httpx then fails the streams
     # racing it (WriteError: CONNECTION, retried) — a burst of 32 such failures can open the breaker. The
     # fake keeps its connections, as uvicorn's keep-alive does: the run measures the protocols' cost.
-    config.keep_alive_max_requests = 10**9
+    config.keep_alive_max_requests = int(os.environ.get("BENCH_H2_MAX_REQUESTS", 10**9))
     asyncio.run(hypercorn_serve(app, config))
 
 
