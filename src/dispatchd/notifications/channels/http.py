@@ -7,8 +7,9 @@ server does not take it; ``"prior_knowledge"`` speaks it over cleartext too (h2c
 does). Measured with ``bench.notifications_http2`` (docs/benchmarks.md, issue 11): one HTTP/2 connection
 multiplexing 32 sends costs the sender about a third of the CPU of 32 HTTP/1.1 keep-alive connections;
 but when the server ends the connection (GOAWAY after N requests, as Hypercorn does after 1,000) httpx
-fails the sends racing it (``WriteError``: CONNECTION, retried), a burst that can open the breaker and
-re-send messages the server had taken. Hence off by default until that is handled."""
+fails the sends in flight on it (``WriteError``, ``RemoteProtocolError: ConnectionTerminated``: CONNECTION,
+retried), a burst that can open the breaker and re-send messages the server had taken; retrying them at
+once is not safe (httpx does not say which streams the server processed). Hence off by default."""
 
 from __future__ import annotations
 
