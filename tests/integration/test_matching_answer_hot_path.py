@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dispatchd.core.events import Event
-from dispatchd.matching.models import BookingOffer
+from dispatchd.matching.models import Booking, BookingOffer, BookingStatus
 from dispatchd.matching.types import Action
 from tests.factories import create_booking, create_drivers
 
@@ -107,3 +107,51 @@ async def test_many_concurrent_accepts_one_winner_every_answer_recorded(services
     # the winner's events only: BookingAssigned on two topics and OfferTaken to each loser
     assert sorted(set(new)) == ["BookingAssigned", "OfferTaken"]
     assert new.count("OfferTaken") == 39
+
+
+async def test_a_failed_answer_write_fails_every_answer_of_its_batch_then_the_next_batch_works(
+    services, monkeypatch
+):
+    from dispatchd.matching import answers
+
+    matching = services.matching
+    drivers = await create_drivers(services, 4)
+    booking = await create_booking(services)
+    await matching.start_matching(booking.id)
+    assert (await matching.respond(booking.id, drivers[0].id, "ACCEPT")).action is Action.ASSIGNED
+    real_write = answers.write_answer_records
+
+    async def broken(session, records):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(answers, "write_answer_records", broken)
+    failed = await asyncio.gather(
+        *(matching.respond(booking.id, d.id, "ACCEPT") for d in drivers[1:3]), return_exceptions=True
+    )
+    assert [str(f) for f in failed] == ["disk full", "disk full"]
+    monkeypatch.setattr(answers, "write_answer_records", real_write)
+
+    retried = [await matching.respond(booking.id, d.id, "ACCEPT") for d in drivers[1:]]
+
+    assert [r.action for r in retried] == [Action.ALREADY_TAKEN] * 3
+    offers = {o.driver_id: o for o in await _offers(services, booking.id)}
+    assert all(offers[d.id].driver_answer == "ACCEPT" for d in drivers)
+
+
+async def test_an_accept_on_an_open_offer_of_a_cancelled_booking_is_answered_from_the_read(services):
+    matching = services.matching
+    [driver] = await create_drivers(services, 1)
+    booking = await create_booking(services)
+    await matching.start_matching(booking.id)
+    async with services.db.transaction() as session:  # cancelled by hand, its offer left open
+        await session.execute(
+            update(Booking).where(Booking.id == booking.id).values(status=BookingStatus.CANCELLED.value)
+        )
+
+    with counted_transactions(services.db) as opened:
+        result = await matching.respond(booking.id, driver.id, "ACCEPT")
+
+    assert (result.success, result.action) == (False, Action.BOOKING_CANCELLED)
+    assert opened[0] == 1  # the answer's record only
+    [offer] = await _offers(services, booking.id)
+    assert (offer.response, offer.driver_answer) == (None, "ACCEPT")
