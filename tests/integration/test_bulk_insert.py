@@ -113,3 +113,28 @@ async def test_a_broadcast_writes_its_offers_and_events_in_bulk(services, clock)
         driver_id = event.topic.removeprefix("driver:")
         assert event.data["offer_id"] == ids[driver_id]
         assert event.data["expires_at"] == expires.isoformat() and event.created_at == now
+
+
+async def test_a_whole_second_is_stored_as_a_core_insert_stores_it(services):
+    """A time with no microseconds (a manual clock's) compares as the Core insert's rows do: on SQLite the
+    text must carry the dialect's ``.000000`` (without it, ``created_at >= :at`` missed the row)."""
+    at = datetime(2026, 11, 30, 18, 0, 10, tzinfo=UTC)
+    async with services.db.transaction() as session:
+        before = await session.scalar(select(func.max(Event.id))) or 0
+        await session.execute(
+            Event.__table__.insert(), [{"topic": "t:core", "type": "X", "data": {}, "created_at": at}]
+        )
+        await bulk.insert_many(
+            session,
+            Event.__table__,
+            ("topic", "type", "data"),
+            [("t:bulk", "X", {})],
+            shared={"created_at": at},
+        )
+    async with services.db.read() as session:
+        found = (
+            await session.scalars(
+                select(Event.topic).where(Event.id > before, Event.created_at >= at).order_by(Event.id)
+            )
+        ).all()
+    assert found == ["t:core", "t:bulk"]

@@ -17,7 +17,7 @@ Values are stored exactly as a Core insert stores them: the same type processing
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Column, Table
@@ -28,9 +28,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 COPY_MIN_ROWS = 500
 
 
+def bind_processor(dialect: Dialect, column: Column[Any]) -> Callable[[Any], Any] | None:
+    """The column type's bind processing for ``dialect``, as a Core insert runs it: through the dialect's
+    own implementation of the type (``type.bind_processor(dialect)`` alone would skip it for a
+    ``TypeDecorator``: SQLite's DATETIME text format, for one)."""
+    return column.type.dialect_impl(dialect).bind_processor(dialect)
+
+
 def bind_value(dialect: Dialect, column: Column[Any], value: Any) -> Any:
     """``value`` as the driver takes it for ``column`` (the column type's bind processing)."""
-    process = column.type.bind_processor(dialect)
+    process = bind_processor(dialect, column)
     return process(value) if process is not None else value
 
 
@@ -54,9 +61,7 @@ async def insert_many(
         await _core_insert(session, table, columns, rows, shared)
         return
     tail = tuple(bind_value(dialect, table.c[name], value) for name, value in shared.items())
-    processors = [
-        (i, p) for i, name in enumerate(columns) if (p := table.c[name].type.bind_processor(dialect))
-    ]
+    processors = [(i, p) for i, name in enumerate(columns) if (p := bind_processor(dialect, table.c[name]))]
     if processors:
         records = []
         for row in rows:
