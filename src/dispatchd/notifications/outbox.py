@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dispatchd.core import events, topics
+from dispatchd.core import bulk, events, topics
 from dispatchd.core.db import lock_for_update
 from dispatchd.core.ids import new_id
 from dispatchd.notifications.channels.base import OutboundMessage
@@ -65,6 +65,20 @@ class Combined:
 Coalescer = Callable[[Sequence[OutboundMessage]], Combined]
 
 
+#: the columns :func:`enqueue` writes per message (the others: PENDING, 0 attempts, due and created now)
+ENQUEUED_COLUMNS = (
+    "id",
+    "category",
+    "recipient",
+    "body",
+    "payload",
+    "subject",
+    "priority",
+    "expires_at",
+    "idempotency_key",
+)
+
+
 async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
     """Insert messages in the current unit of work (one bulk insert); return their ids.
 
@@ -77,33 +91,41 @@ async def enqueue(session: AsyncSession, messages: list[Message]) -> list[str]:
     now = session.info["now"]
     ids = sorted(new_id("ntf") for _ in messages)  # random ids, handed out in ascending order
     rows = [
-        {
-            "id": row_id,
-            "category": message.category,
-            "recipient": message.recipient,
-            "body": message.body,
-            "payload": message.payload,
-            "subject": message.subject,
-            "status": NotificationStatus.PENDING.value,
-            "priority": priority_for(message.category) if message.priority is None else message.priority,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "expires_at": message.expires_at,
-            "idempotency_key": message.idempotency_key,
-            "created_at": now,
-        }
+        (
+            row_id,
+            message.category,
+            message.recipient,
+            message.body,
+            message.payload,
+            message.subject,
+            priority_for(message.category) if message.priority is None else message.priority,
+            message.expires_at,
+            message.idempotency_key,
+        )
         for row_id, message in zip(ids, messages, strict=True)
     ]
-    await session.execute(Notification.__table__.insert(), rows)
+    # A broadcast writes thousands at once: COPY on PostgreSQL, one executemany on SQLite.
+    await bulk.insert_many(
+        session,
+        Notification.__table__,
+        ENQUEUED_COLUMNS,
+        rows,
+        shared={
+            "status": NotificationStatus.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        },
+    )
     session.info["notifications_written"] = session.info.get("notifications_written", 0) + len(rows)
     events.wake_listeners(session)  # delivery in other processes (`dispatchd worker`) is woken at commit
     raised: dict[str, list[str]] = {}
-    for row in rows:
-        if row["category"] == ADMIN_ALERT:
-            raised.setdefault(row["body"], []).append(row["id"])
-    for text, ids in raised.items():  # one event per alert, whatever the number of admins told
-        events.append(session, topics.ALERTS, "AlertRaised", {"text": text, "notification_ids": ids})
-    return [row["id"] for row in rows]
+    for row_id, category, _, body, *_ in rows:
+        if category == ADMIN_ALERT:
+            raised.setdefault(body, []).append(row_id)
+    for text, alert_ids in raised.items():  # one event per alert, whatever the number of admins told
+        events.append(session, topics.ALERTS, "AlertRaised", {"text": text, "notification_ids": alert_ids})
+    return ids
 
 
 @dataclass(frozen=True)
