@@ -129,7 +129,7 @@ async def test_idempotent_retries_inside_one_batch_get_the_first_answer(services
 
 async def test_a_close_between_batches_refuses_everything_after_it(services):
     reservations = services.reservations
-    services.reservations.admissions.batch_max = 8
+    services.reservations.commit.admissions.batch_max = 8
     resource = await create_resource(services, 10_000)
     tasks = [asyncio.create_task(reservations.reserve(resource.id, f"c{n}", 1)) for n in range(200)]
 
@@ -182,7 +182,9 @@ async def test_batches_equal_the_same_requests_committed_one_by_one(services):
         for q, key, body in requests:
             try:
                 alone.append(
-                    await serial._reserve_alone(serial_resource.id, body, q, idem("serial", key, body, q))
+                    await serial.commit.reserve_alone(
+                        serial_resource.id, body, q, idem("serial", key, body, q)
+                    )
                 )
             except InvalidInput as error:
                 alone.append(error)

@@ -4,7 +4,7 @@ A hot resource is one row: every commit on it waits for the one before to reach 
 per commit caps it at the database's fsync rate. Instead, in each process, the reserve requests for one
 resource that arrive while a commit is in flight wait behind it in arrival order; the next transaction
 takes them all (at most ``batch_max``) and decides each with the same rule as a lone request, in that
-order (see :meth:`ReservationService._admit`). Each request still gets its own answer.
+order (see :mod:`dispatchd.reservations.commit`). Each request still gets its own answer.
 
 The lanes are per resource and per process; processes (and instances) stay correct with each other
 through the resource row's lock and the CHECK constraint, as before.
